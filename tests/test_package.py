@@ -1,0 +1,75 @@
+"""The package's public surface, layering and house rules."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import gsra_salad
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "gsra_salad"
+
+PUBLIC = ["__version__", "dustbin_sinkhorn", "log_sinkhorn"]
+
+
+def test_public_names_are_the_stored_list():
+    assert sorted(gsra_salad.__all__) == sorted(PUBLIC)
+    for name in PUBLIC:
+        assert hasattr(gsra_salad, name)
+
+
+def test_version_and_typing_marker():
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+|rc\d+)?", gsra_salad.__version__)
+    assert (PACKAGE / "py.typed").exists()
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            yield node.level, node.module or ""
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield 0, alias.name
+
+
+def test_ops_import_nothing_else_of_the_package():
+    for path in (PACKAGE / "ops").glob("*.py"):
+        for level, module in _imports(path):
+            assert level <= 1, f"{path.name} imports from outside gsra_salad.ops"
+            assert not module.startswith("gsra_salad"), f"{path.name} imports {module}"
+
+
+def test_library_code_never_prints():
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        calls = [
+            n for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
+        ]  # fmt: skip
+        assert not calls, f"{path} calls print(); use logging or warnings"
+
+
+def test_every_public_function_has_a_docstring_with_an_example():
+    for name in PUBLIC[1:]:
+        doc = getattr(gsra_salad, name).__doc__ or ""
+        assert "Example" in doc and ">>>" in doc, name
+        assert "Args:" in doc and "Returns:" in doc, name
+
+
+def test_api_docs_are_generated_from_the_docstrings():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "gen_api.py"), "--check"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    test_command = next(b for b in blocks if "pytest" in b).strip()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_command in ci.splitlines()
