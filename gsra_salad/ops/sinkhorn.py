@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from ._dispatch import checks_enabled, has_forward_grad, is_tracing
 from ._sinkhorn_fused import _ScalingSinkhorn, _ZeroGradient
 
 __all__ = ["Impl", "dustbin_sinkhorn", "log_sinkhorn"]
@@ -101,41 +101,19 @@ def _marginal(fn: str, name: str, x: Tensor, batch: int, size: int, dim: str, re
     return x.expand(batch, size)
 
 
-def _is_tracing() -> bool:
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
-        return True
-    onnx = sys.modules.get("torch.onnx")  # importing torch.onnx costs time and warnings
-    if onnx is not None and onnx.is_in_onnx_export():
-        return True
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting is not None and is_exporting())
-
-
-def _checks_enabled() -> bool:
-    return not (_is_tracing() or torch.compiler.is_compiling())
-
-
 def _resolve_impl(fn: str, impl: str, *tensors: Tensor) -> str:
     _check_impl(fn, impl)
     if impl == "reference":
         return impl
-    dual = _has_forward_grad(*tensors)
+    dual = has_forward_grad(*tensors)
     if impl == "fused" and dual:
         raise RuntimeError(
             f"{fn}: impl='fused' does not support forward-mode AD (dual tensors); "
             "use impl='reference' or impl='auto'"
         )
-    if dual or _is_tracing():
+    if dual or is_tracing():
         return "reference"
     return "fused"
-
-
-def _has_forward_grad(*tensors: Tensor) -> bool:
-    from torch.autograd import forward_ad
-
-    return any(
-        isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors
-    )
 
 
 def _no_autocast(device: torch.device):
@@ -263,7 +241,7 @@ def log_sinkhorn(
             out = _ScalingSinkhorn.apply(z, la, lb, num_iters, None, diagnose, 0.0)
         else:
             out, u, v = _log_sinkhorn_reference(z, la, lb, num_iters)
-            if batch > 0 and _checks_enabled():
+            if batch > 0 and checks_enabled():
                 diagnose(z, la, lb, (u, v))
     return out.to(log_kernel.dtype)
 
@@ -380,7 +358,7 @@ def dustbin_sinkhorn(
         else:
             kernel = torch.cat([s, z.expand(batch, 1, n)], dim=1)
             out, u, v = _log_sinkhorn_reference(kernel, log_a, log_b, num_iters)
-            if batch > 0 and _checks_enabled():
+            if batch > 0 and checks_enabled():
                 diagnose(kernel, log_a, log_b, (u, v))
             out = out - norm
     return out.to(scores.dtype)
