@@ -2,10 +2,18 @@
 
 Public surface::
 
-    from gsra_salad import log_sinkhorn, dustbin_sinkhorn
+    from gsra_salad import (log_sinkhorn, dustbin_sinkhorn,
+                            GlobalSpatialRelationAttention, SALAD)
 """
 
 from ._version import __version__
+from .layers import SALAD, GlobalSpatialRelationAttention
 from .ops import dustbin_sinkhorn, log_sinkhorn
 
-__all__ = ["__version__", "dustbin_sinkhorn", "log_sinkhorn"]
+__all__ = [
+    "SALAD",
+    "GlobalSpatialRelationAttention",
+    "__version__",
+    "dustbin_sinkhorn",
+    "log_sinkhorn",
+]

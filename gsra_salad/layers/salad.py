@@ -1,0 +1,172 @@
+"""SALAD: Sinkhorn Algorithm for Locally Aggregated Descriptors (Izquierdo & Civera, CVPR 2024)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.sinkhorn import dustbin_sinkhorn
+
+__all__ = ["SALAD"]
+
+_IMPLS = ("auto", "fused", "reference")
+
+
+class SALAD(nn.Module):
+    """Optimal-transport aggregation of local features into one global descriptor.
+
+    Two small MLPs (1x1 convs) map every local feature to a score per cluster (``score``) and
+    to a reduced feature (``cluster_features``). :func:`~gsra_salad.dustbin_sinkhorn` turns the
+    scores into an assignment of the ``n = H W`` features to the ``m`` clusters plus a dustbin;
+    the dustbin row is dropped and each cluster's descriptor is the assignment-weighted sum of
+    the reduced features, computed as one batched contraction
+    ``einsum('bln,bmn->blm', f, P)`` (no (B, l, m, n) tensor). Each cluster descriptor is
+    L2-normalised; with a global token (``token_dim > 0``, DINOv2-SALAD) the normalised token
+    MLP output comes first. The concatenation is L2-normalised.
+
+    Parameter names and shapes are those of the published SALAD module (``token_features``,
+    ``cluster_features``, ``score``, ``dust_bin``), so DINOv2-SALAD and LRFR-SALAD state dicts
+    load with ``strict=True``. The output does not depend on ``dust_bin`` (the Sinkhorn
+    iterations cancel a constant row): it receives an exact zero gradient and stays in the
+    graph, so DistributedDataParallel does not report it as unused.
+
+    Args:
+        num_channels: C, channels of the local features.
+        num_clusters: m, number of clusters.
+        cluster_dim: l, size of each cluster's descriptor.
+        token_dim: size of the global-token descriptor; 0 for no token (the LRFR variant).
+        dropout: dropout probability inside the two MLPs.
+        sinkhorn_iters: Sinkhorn iterations.
+        impl: implementation of the Sinkhorn solver (see :func:`~gsra_salad.dustbin_sinkhorn`).
+
+    Shape:
+        - Input: features (B, C, H, W) with H W >= num_clusters, and, when ``token_dim > 0``,
+          the pair ``(features, token)`` with token (B, C).
+        - Output: (B, num_clusters * cluster_dim + token_dim), unit L2 norm.
+
+    Example:
+        >>> salad = SALAD(num_channels=32, num_clusters=8, cluster_dim=4, token_dim=0)
+        >>> salad(torch.randn(2, 32, 4, 4)).shape
+        torch.Size([2, 32])
+        >>> salad = SALAD(num_channels=32, num_clusters=8, cluster_dim=4, token_dim=16)
+        >>> salad((torch.randn(2, 32, 4, 4), torch.randn(2, 32))).shape
+        torch.Size([2, 48])
+    """
+
+    def __init__(
+        self,
+        num_channels: int = 1536,
+        num_clusters: int = 64,
+        cluster_dim: int = 128,
+        token_dim: int = 256,
+        dropout: float = 0.3,
+        sinkhorn_iters: int = 3,
+        *,
+        impl: Literal["auto", "fused", "reference"] = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("num_channels", num_channels),
+            ("num_clusters", num_clusters),
+            ("cluster_dim", cluster_dim),
+            ("sinkhorn_iters", sinkhorn_iters),
+        ):
+            if value < 1:
+                raise ValueError(f"SALAD: {name} must be >= 1, got {value}")
+        if token_dim < 0:
+            raise ValueError(f"SALAD: token_dim must be >= 0 (0 = no global token), got {token_dim}")
+        if impl not in _IMPLS:
+            raise ValueError(f"SALAD: impl must be one of {_IMPLS}, got {impl!r}")
+        self.num_channels = num_channels
+        self.num_clusters = num_clusters
+        self.cluster_dim = cluster_dim
+        self.token_dim = token_dim
+        self.sinkhorn_iters = sinkhorn_iters
+        self.impl = impl
+
+        drop = nn.Dropout(dropout)
+        if token_dim > 0:
+            self.token_features = nn.Sequential(
+                nn.Linear(num_channels, 512), nn.ReLU(), nn.Linear(512, token_dim)
+            )
+        self.cluster_features = nn.Sequential(
+            nn.Conv2d(num_channels, 512, 1), drop, nn.ReLU(), nn.Conv2d(512, cluster_dim, 1)
+        )
+        self.score = nn.Sequential(
+            nn.Conv2d(num_channels, 512, 1), drop, nn.ReLU(), nn.Conv2d(512, num_clusters, 1)
+        )
+        self.dust_bin = nn.Parameter(torch.tensor(1.0))
+
+    @property
+    def output_dim(self) -> int:
+        """Size of the descriptor: ``num_clusters * cluster_dim + token_dim``."""
+        return self.num_clusters * self.cluster_dim + self.token_dim
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_channels={self.num_channels}, num_clusters={self.num_clusters}, "
+            f"cluster_dim={self.cluster_dim}, token_dim={self.token_dim}, "
+            f"sinkhorn_iters={self.sinkhorn_iters}, impl={self.impl!r}"
+        )
+
+    def _split_input(self, x) -> tuple[Tensor, Tensor | None]:
+        if self.token_dim > 0:
+            if not (isinstance(x, (tuple, list)) and len(x) == 2):
+                raise TypeError(
+                    f"SALAD: token_dim={self.token_dim} > 0 needs the pair (features (B, C, H, W), "
+                    f"token (B, C)), got {type(x).__name__}; pass (features, token), or build "
+                    "SALAD(..., token_dim=0) to aggregate the features alone"
+                )
+            features, token = x
+        else:
+            if isinstance(x, (tuple, list)):
+                raise TypeError(
+                    "SALAD: token_dim=0 takes the features (B, C, H, W) alone, got a "
+                    f"{type(x).__name__}; build SALAD(..., token_dim > 0) to use a global token"
+                )
+            features, token = x, None
+        if not isinstance(features, Tensor) or features.dim() != 4:
+            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features)
+            raise ValueError(f"SALAD: features must have shape (B, C, H, W), got {shape}")
+        if features.shape[1] != self.num_channels:
+            raise ValueError(
+                f"SALAD: built for num_channels={self.num_channels}, got features with "
+                f"{features.shape[1]} channels"
+            )
+        if token is not None:
+            if not isinstance(token, Tensor) or token.dim() != 2:
+                shape = tuple(token.shape) if isinstance(token, Tensor) else type(token)
+                raise ValueError(f"SALAD: token must have shape (B, C), got {shape}")
+            if token.shape != (features.shape[0], self.num_channels):
+                raise ValueError(
+                    f"SALAD: token must have shape (B, C) = "
+                    f"{(features.shape[0], self.num_channels)}, got {tuple(token.shape)}"
+                )
+        n = features.shape[2] * features.shape[3]
+        if n < self.num_clusters:
+            side = math.ceil(math.sqrt(self.num_clusters))
+            raise ValueError(
+                f"SALAD: the feature map has n = {features.shape[2]}x{features.shape[3]} = {n} "
+                f"local features but the module has m = {self.num_clusters} clusters, and the "
+                f"optimal-transport dustbin needs n >= m. Use a larger input image (a feature map "
+                f"of at least {side}x{side}, e.g. an image of at least {16 * side}x{16 * side} "
+                f"pixels for a stride-16 backbone) or fewer clusters"
+            )
+        return features, token
+
+    def forward(self, x: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        features, token = self._split_input(x)
+        f = self.cluster_features(features).flatten(2)  # (B, l, n)
+        scores = self.score(features).flatten(2)  # (B, m, n)
+        log_p = dustbin_sinkhorn(scores, self.dust_bin, self.sinkhorn_iters, impl=self.impl)
+        p = log_p[:, :-1].exp()  # drop the dustbin row: (B, m, n)
+        clusters = torch.bmm(f, p.transpose(1, 2))  # (B, l, m) = einsum('bln,bmn->blm')
+        desc = F.normalize(clusters, p=2, dim=1).flatten(1)
+        if token is not None:
+            t = F.normalize(self.token_features(token), p=2, dim=-1)
+            desc = torch.cat([t, desc], dim=-1)
+        return F.normalize(desc, p=2, dim=-1)
