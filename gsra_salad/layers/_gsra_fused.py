@@ -14,10 +14,11 @@ BatchNorm's batch mean and (biased) variance of ``y`` follow from the per-sample
     mu_o = mean_s C_s[o] . zbar_s,     E[y^2]_o = mean_s C_s[o]^T S_s C_s[o],
 
 and the 1-channel conv of the normalised ``y`` is ``g_s[j] = d_s . z_j + e`` with
-``d_s = sum_o kappa_o C_s[o]``, ``kappa = w2 gamma1 / sigma`` and
-``e = sum_o w2_o (beta1_o - gamma1_o mu_o / sigma_o)``. In eval mode ``kappa`` is fixed, so
-``d_s = [phi_s (kappa^T Wa); theta_s (kappa^T Wb)]`` folds to two P-vectors. No P x P or
-P/2 x P tensor is ever formed.
+``d_s = sum_o kappa_o C_s[o] = [phi_s (Wa^T kappa); theta_s (Wb^T kappa)]``,
+``kappa = w2 gamma1 / sigma`` and ``e = sum_o w2_o (beta1_o - gamma1_o mu_o / sigma_o)``; the
+mean likewise folds to ``(Wa u_a + Wb u_b) / S`` with two P-vectors, so only ``E[y^2]`` needs
+``C_s`` (training mode), and eval mode needs no ``C_s`` at all. No P x P or P/2 x P tensor is
+ever formed.
 """
 
 from __future__ import annotations
@@ -128,14 +129,21 @@ def gsra_lowrank(x: Tensor, module, params: Mapping[str, Tensor], update: bool) 
     beta1 = bn1.bias if bn1.bias is not None else torch.zeros_like(w2)
 
     if bn1.batch_stats:
-        # C_s = [Wa phi_s^T | Wb theta_s^T]: (S, P/2, 2Ci); never (P/2, P) per sample
-        c_a = torch.matmul(w_a, phi.transpose(1, 2))  # (S, P/2, Ci)
-        c_b = torch.matmul(w_b, theta.transpose(1, 2))
-        cm = torch.cat([c_a, c_b], dim=2)
+        # mean_o = mean_s C_s[o] . zbar_s = (Wa u_a + Wb u_b)_o / S, with
+        # u_a = sum_s phi_s^T thetabar_s and u_b = sum_s theta_s^T phibar_s (P-vectors)
         zbar = z.mean(2)  # (S, 2Ci)
+        u_a = zbar[:, :ci].reshape(1, -1) @ phi.reshape(s * ci, p)
+        u_b = zbar[:, ci:].reshape(1, -1) @ theta.reshape(s * ci, p)
+        mean = (u_a @ w_a.T + u_b @ w_b.T).squeeze(0) / s
+        # E[y^2] needs C_s = [Wa phi_s^T | Wb theta_s^T]: (S, P/2, 2Ci), never (P/2, P).
+        # einsum folds (S, Ci) into one GEMM (a broadcast matmul would form the weight's
+        # gradient as an (S, P/2, P) tensor); the reduction is a broadcast product, not an
+        # einsum, whose bmm backward would copy a stride-0 gradient one sample at a time.
+        c_a = torch.einsum("oi,sci->soc", w_a, phi)  # (S, P/2, Ci)
+        c_b = torch.einsum("oi,sci->soc", w_b, theta)
+        cm = torch.cat([c_a, c_b], dim=2)
         second = torch.matmul(z, z.transpose(1, 2)) / p  # (S, 2Ci, 2Ci)
-        mean = torch.einsum("soc,sc->o", cm, zbar) / s
-        sq = torch.einsum("soc,soc->o", torch.matmul(cm, second), cm) / s
+        sq = (torch.matmul(cm, second) * cm).sum((0, 2)) / s
         var = (sq - mean * mean).clamp_min(0)
         if bn1.factor > 0:
             n = s * p
@@ -143,20 +151,20 @@ def gsra_lowrank(x: Tensor, module, params: Mapping[str, Tensor], update: bool) 
                 bn1.running_mean.lerp_(mean.detach().to(bn1.running_mean), bn1.factor)
                 unbiased = var.detach() * (n / max(n - 1, 1))
                 bn1.running_var.lerp_(unbiased.to(bn1.running_var), bn1.factor)
-        inv = torch.rsqrt(var + bn1.eps)
-        kappa = w2 * gamma1 * inv
-        d = torch.einsum("o,soc->sc", kappa, cm)  # (S, 2Ci)
     else:
         mean = bn1.running_mean
-        inv = torch.rsqrt(bn1.running_var + bn1.eps)
-        kappa = w2 * gamma1 * inv
-        # fold: d_s = [phi_s (Wa^T kappa); theta_s (Wb^T kappa)]
-        d = torch.cat([phi @ (kappa @ w_a), theta @ (kappa @ w_b)], dim=1)
+        var = bn1.running_var
+    inv = torch.rsqrt(var + bn1.eps)
+    kappa = w2 * gamma1 * inv
+    # d_s = sum_o kappa_o C_s[o] = [phi_s (Wa^T kappa); theta_s (Wb^T kappa)]
+    d = torch.cat([phi @ (kappa @ w_a), theta @ (kappa @ w_b)], dim=1)  # (S, 2Ci)
     e = (w2 * (beta1 - gamma1 * mean * inv)).sum()
     rel = torch.einsum("sc,scp->sp", d, z) + e  # (S, P): gg_spatial's 1-channel conv output
     rel = torch.relu(bn2(rel.unsqueeze(1)))  # (S, 1, P)
 
-    weight = a_h.sigmoid()[..., None] * a_w.sigmoid()[:, :, None, :] * rel.view(s, 1, h, w).sigmoid()
+    weight = (
+        a_h.sigmoid()[..., None] * a_w.sigmoid()[:, :, None, :] * rel.view(s, 1, h, w).sigmoid()
+    )
     gn = module.gn
     gn_w, gn_b = params.get("gn.weight"), params.get("gn.bias")
     out = F.group_norm(gx * weight, gn.num_groups, gn_w, gn_b, gn.eps)
@@ -181,9 +189,7 @@ class _RecomputedGSRA(torch.autograd.Function):
         needs = ctx.needs_input_grad[2:]
         leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
         device_type, enabled, dtype = ctx.autocast
-        autocast = (
-            torch.autocast(device_type, dtype=dtype) if enabled else contextlib.nullcontext()
-        )
+        autocast = torch.autocast(device_type, dtype=dtype) if enabled else contextlib.nullcontext()
         with torch.enable_grad(), autocast:
             out = gsra_lowrank(leaves[0], ctx.module, dict(zip(ctx.names, leaves[1:])), False)
         wanted = [t for t, need in zip(leaves, needs) if need]
