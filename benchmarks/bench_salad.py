@@ -6,9 +6,11 @@
 The baseline is the published forward re-implemented here on the same weights: unrolled
 log-domain Sinkhorn and ``.repeat()`` aggregation through two (B, l, m, n) tensors. Forward +
 backward time (one process, alternating, medians), bytes saved for backward, and peak memory
-of one forward + backward (peak RSS growth, each side in a fresh subprocess on CPU;
-``torch.cuda.max_memory_allocated`` on CUDA). Target (2-core CPU, float32, B=32, C=384, 24x24,
-m=128, l=64, no token): >= 5x faster and >= 20x smaller peak memory.
+of one forward + backward (peak RSS growth over the RSS before the step, each side in a
+fresh subprocess on CPU; ``torch.cuda.max_memory_allocated`` on CUDA). Target (2-core CPU,
+float32, B=32, C=384, 24x24, m=128, l=64, no token): >= 5x faster and >= 20x smaller peak
+memory. The "agg-only" columns time the part the two sides do differently (Sinkhorn and
+aggregation from the MLP outputs); the two MLPs are the same code on both sides.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternating_medians, parser, print_table, saved_bytes, write_json  # noqa: E402
+from _common import alternating_medians, parser, print_table, saved_bytes, write_json
 
-from gsra_salad import SALAD  # noqa: E402
+from gsra_salad import SALAD
 
 CASES = [(32, 384, 24, 128, 64), (8, 384, 24, 128, 64)]  # (B, C, side, m, l)
 QUICK = [(2, 32, 8, 16, 8)]
@@ -36,12 +38,17 @@ def published_forward(salad: SALAD, x: torch.Tensor) -> torch.Tensor:
     """The published SALAD forward (LRFR variant), on ``salad``'s weights."""
     f = salad.cluster_features(x).flatten(2)
     p = salad.score(x).flatten(2)
+    return published_aggregate(salad, f, p)
+
+
+def published_aggregate(salad: SALAD, f: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The published Sinkhorn + ``.repeat()`` aggregation: f (B, l, n), scores (B, m, n)."""
     b, m, n = p.shape
     s_aug = torch.cat([p, salad.dust_bin.expand(b, 1, n)], 1)
     norm = -math.log(n + m)
-    log_a = torch.full((b, m + 1), norm, device=x.device)
+    log_a = torch.full((b, m + 1), norm, device=p.device)
     log_a[:, -1] += math.log(n - m)
-    log_b = torch.full((b, n), norm, device=x.device)
+    log_b = torch.full((b, n), norm, device=p.device)
     u, v = torch.zeros_like(log_a), torch.zeros_like(log_b)
     for _ in range(3):
         u = log_a - torch.logsumexp(s_aug + v.unsqueeze(1), dim=2)
@@ -53,9 +60,9 @@ def published_forward(salad: SALAD, x: torch.Tensor) -> torch.Tensor:
 
 
 def build(case, device):
-    batch, channels, side, m, l = case
+    batch, channels, side, m, dim = case
     torch.manual_seed(0)
-    salad = SALAD(channels, m, l, token_dim=0, dropout=0.0).to(device)
+    salad = SALAD(channels, m, dim, token_dim=0, dropout=0.0).to(device)
     x = torch.randn(batch, channels, side, side, device=device, requires_grad=True)
     return salad, x
 
@@ -80,9 +87,33 @@ def peak_worker(case, side, device) -> None:
         step(salad, x, side)
         print(json.dumps(torch.cuda.max_memory_allocated() - before))
         return
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = reset_peak_rss()
     step(salad, x, side)
-    print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
+    print(json.dumps(peak_rss() - before))
+
+
+def reset_peak_rss() -> int:
+    """Resets the peak RSS where Linux allows it (a child's peak starts at its parent's RSS at
+    fork time); returns the current RSS in bytes."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    try:
+        return _status_kb("VmHWM") * 1024
+    except (OSError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise ValueError(field)
 
 
 def peak(case, side, device) -> int:
@@ -115,14 +146,43 @@ def main() -> None:
 
         t = alternating_medians(
             {"published": run("published"), "ours": run("ours")},
-            repeats=repeats, warmup=args.warmup, device=args.device,
-        )  # fmt: skip
-        mem = {side: saved_bytes(lambda s=side: step(salad, x, s)) for side in ("published", "ours")}
+            repeats=repeats,
+            warmup=args.warmup,
+            device=args.device,
+        )
+        mem = {
+            side: saved_bytes(lambda s=side: step(salad, x, s)) for side in ("published", "ours")
+        }
+        # the part that differs: Sinkhorn + aggregation from the two MLPs' outputs
+        with torch.no_grad():
+            f0 = salad.cluster_features(x).flatten(2)
+            s0 = salad.score(x).flatten(2)
+        f0.requires_grad_()
+        s0.requires_grad_()
+
+        def agg(fn):
+            def go():
+                fn(f0, s0).sum().backward()
+                f0.grad = s0.grad = None
+
+            return go
+
+        t.update(
+            alternating_medians(
+                {
+                    "agg_published": agg(lambda f, s: published_aggregate(salad, f, s)),
+                    "agg_ours": agg(salad._aggregate),
+                },
+                repeats=repeats,
+                warmup=args.warmup,
+                device=args.device,
+            )
+        )
         pk = {side: peak(case, side, args.device) for side in ("published", "ours")}
-        batch, channels, side_px, m, l = case
+        batch, channels, side_px, m, dim = case
         rows.append(
             {
-                "B,C,HxW,m,l": f"{batch},{channels},{side_px}x{side_px},{m},{l}",
+                "B,C,HxW,m,l": f"{batch},{channels},{side_px}x{side_px},{m},{dim}",
                 "published f+b ms": t["published"] * 1e3,
                 "ours f+b ms": t["ours"] * 1e3,
                 "f+b x": t["published"] / t["ours"],
@@ -132,6 +192,9 @@ def main() -> None:
                 "published peak MB": pk["published"] / 2**20,
                 "ours peak MB": pk["ours"] / 2**20,
                 "peak x": pk["published"] / max(pk["ours"], 1),
+                "agg-only published ms": t["agg_published"] * 1e3,
+                "agg-only ours ms": t["agg_ours"] * 1e3,
+                "agg-only x": t["agg_published"] / t["agg_ours"],
             }
         )
         print(f"done {rows[-1]['B,C,HxW,m,l']}", file=sys.stderr)

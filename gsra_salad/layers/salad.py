@@ -78,7 +78,9 @@ class SALAD(nn.Module):
             if value < 1:
                 raise ValueError(f"SALAD: {name} must be >= 1, got {value}")
         if token_dim < 0:
-            raise ValueError(f"SALAD: token_dim must be >= 0 (0 = no global token), got {token_dim}")
+            raise ValueError(
+                f"SALAD: token_dim must be >= 0 (0 = no global token), got {token_dim}"
+            )
         if impl not in _IMPLS:
             raise ValueError(f"SALAD: impl must be one of {_IMPLS}, got {impl!r}")
         self.num_channels = num_channels
@@ -158,14 +160,18 @@ class SALAD(nn.Module):
             )
         return features, token
 
+    def _aggregate(self, f: Tensor, scores: Tensor) -> Tensor:
+        """Reduced features f (B, l, n) and scores (B, m, n) -> normalised clusters (B, l m)."""
+        log_p = dustbin_sinkhorn(scores, self.dust_bin, self.sinkhorn_iters, impl=self.impl)
+        p = log_p[:, :-1].exp()  # drop the dustbin row: (B, m, n)
+        clusters = torch.bmm(f, p.transpose(1, 2))  # (B, l, m) = einsum('bln,bmn->blm')
+        return F.normalize(clusters, p=2, dim=1).flatten(1)
+
     def forward(self, x: Tensor | tuple[Tensor, Tensor]) -> Tensor:
         features, token = self._split_input(x)
         f = self.cluster_features(features).flatten(2)  # (B, l, n)
         scores = self.score(features).flatten(2)  # (B, m, n)
-        log_p = dustbin_sinkhorn(scores, self.dust_bin, self.sinkhorn_iters, impl=self.impl)
-        p = log_p[:, :-1].exp()  # drop the dustbin row: (B, m, n)
-        clusters = torch.bmm(f, p.transpose(1, 2))  # (B, l, m) = einsum('bln,bmn->blm')
-        desc = F.normalize(clusters, p=2, dim=1).flatten(1)
+        desc = self._aggregate(f, scores)
         if token is not None:
             t = F.normalize(self.token_features(token), p=2, dim=-1)
             desc = torch.cat([t, desc], dim=-1)
