@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternating_medians, parser, print_table, saved_bytes, write_json  # noqa: E402
+from _common import alternating_medians, parser, print_table, saved_bytes, write_json
 
-from gsra_salad import GlobalSpatialRelationAttention  # noqa: E402
+from gsra_salad import GlobalSpatialRelationAttention
 
 CASES = [(32, 384, 24, 32), (8, 384, 24, 32), (32, 384, 16, 32)]  # (B, C, side, groups)
 QUICK = [(2, 64, 8, 8)]
@@ -62,13 +62,17 @@ def main() -> None:
 
         t = alternating_medians(
             {"ref_train": train(ref), "fused_train": train(fused)},
-            repeats=repeats, warmup=args.warmup, device=device,
-        )  # fmt: skip
+            repeats=repeats,
+            warmup=args.warmup,
+            device=device,
+        )
         t.update(
             alternating_medians(
                 {"ref_eval": infer(ref), "fused_eval": infer(fused)},
-                repeats=repeats, warmup=args.warmup, device=device,
-            )  # fmt: skip
+                repeats=repeats,
+                warmup=args.warmup,
+                device=device,
+            )
         )
         ref.train()
         fused.train()

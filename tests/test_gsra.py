@@ -53,7 +53,9 @@ def _assert_same_step(a, b, tol):
     torch.testing.assert_close(gx_b, gx_a, **tol)
     for name in gp_a:
         scale = gp_a[name].abs().max().item() + 1.0  # parameter gradients sum over the batch
-        torch.testing.assert_close(gp_b[name], gp_a[name], rtol=tol["rtol"], atol=tol["atol"] * scale, msg=name)
+        torch.testing.assert_close(
+            gp_b[name], gp_a[name], rtol=tol["rtol"], atol=tol["atol"] * scale, msg=name
+        )
     for name in buf_a:
         torch.testing.assert_close(buf_b[name], buf_a[name], **tol, msg=name)
 
@@ -112,7 +114,8 @@ def test_fused_gradcheck():
         return torch.func.functional_call(fused, {names[0]: w, names[1]: g}, (x,))
 
     assert torch.autograd.gradcheck(
-        as_function, (weight.detach().clone().requires_grad_(), gamma.detach().clone().requires_grad_())
+        as_function,
+        (weight.detach().clone().requires_grad_(), gamma.detach().clone().requires_grad_()),
     )
 
 
@@ -170,8 +173,12 @@ class _PublishedGSRA(nn.Module):
         self.inter_channel = ci
         self.conv1x1 = nn.Conv2d(ci, ci, kernel_size=1, stride=1, padding=0)
         self.gn = nn.GroupNorm(ci, ci)
-        self.theta_spatial = nn.Sequential(nn.Conv2d(ci, ci, 1, bias=False), nn.BatchNorm2d(ci), nn.ReLU())
-        self.phi_spatial = nn.Sequential(nn.Conv2d(ci, ci, 1, bias=False), nn.BatchNorm2d(ci), nn.ReLU())
+        self.theta_spatial = nn.Sequential(
+            nn.Conv2d(ci, ci, 1, bias=False), nn.BatchNorm2d(ci), nn.ReLU()
+        )
+        self.phi_spatial = nn.Sequential(
+            nn.Conv2d(ci, ci, 1, bias=False), nn.BatchNorm2d(ci), nn.ReLU()
+        )
         self.gg_spatial = nn.Sequential(
             nn.Conv2d(spatial * 2, spatial // 2, 1, bias=False),
             nn.BatchNorm2d(spatial // 2),
@@ -187,7 +194,9 @@ class _PublishedGSRA(nn.Module):
         x_w = nn.functional.adaptive_avg_pool2d(gx, (1, None)).permute(0, 1, 3, 2)
         hw = self.conv1x1(torch.cat([x_h, x_w], dim=2))
         x_h, x_w = torch.split(hw, [h, w], dim=2)
-        theta = self.theta_spatial(gx).view(b * self.groups, self.inter_channel, -1).permute(0, 2, 1)
+        theta = (
+            self.theta_spatial(gx).view(b * self.groups, self.inter_channel, -1).permute(0, 2, 1)
+        )
         phi = self.phi_spatial(gx).view(b * self.groups, self.inter_channel, -1)
         gs = torch.matmul(theta, phi)
         gs_in = gs.permute(0, 2, 1).view(b * self.groups, h * w, h, w)
@@ -252,7 +261,10 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="impl must be one of"):
         GlobalSpatialRelationAttention(64, (4, 4), groups=8, impl="fast")
     gsra = GlobalSpatialRelationAttention(64, (4, 4), groups=8)
-    with pytest.raises(ValueError, match=r"built for feature maps of size \(H, W\) = \(4, 4\), got \(6, 6\).*spatial_size=\(6, 6\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"size \(H, W\) = \(4, 4\), got \(6, 6\).*spatial_size=\(6, 6\)",
+    ):
         gsra(torch.randn(1, 64, 6, 6))
     with pytest.raises(ValueError, match="built for 64 channels, got input with 32"):
         gsra(torch.randn(1, 32, 4, 4))

@@ -147,7 +147,10 @@ def test_autocast_and_compile():
 
 def test_bad_input_raises_clear_errors():
     salad = SALAD(32, 64, 4, token_dim=0)
-    with pytest.raises(ValueError, match=r"n = 6x6 = 36 local features.*m = 64 clusters.*larger input image.*8x8.*128x128 pixels"):
+    with pytest.raises(
+        ValueError,
+        match=r"n = 6x6 = 36 local features.*m = 64 clusters.*larger input.*8x8.*128x128 pix",
+    ):
         salad(torch.randn(1, 32, 6, 6))
     with pytest.raises(ValueError, match="built for num_channels=32, got features with 16"):
         salad(torch.randn(1, 16, 8, 8))

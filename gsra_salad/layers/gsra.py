@@ -129,7 +129,7 @@ class GlobalSpatialRelationAttention(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{name}: expected input of shape (B, C, H, W), got {shape}")
-        b, c, h, w = x.shape
+        _, c, h, w = x.shape
         if c != self.channels:
             raise ValueError(
                 f"{name}: built for {self.channels} channels, got input with {c} channels"
@@ -151,7 +151,12 @@ class GlobalSpatialRelationAttention(nn.Module):
     def _count_batches(self) -> None:
         if not self.training:
             return
-        for bn in (self.theta_spatial[1], self.phi_spatial[1], self.gg_spatial[1], self.gg_spatial[3]):
+        for bn in (
+            self.theta_spatial[1],
+            self.phi_spatial[1],
+            self.gg_spatial[1],
+            self.gg_spatial[3],
+        ):
             if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
                 bn.num_batches_tracked.add_(1)
 

@@ -30,5 +30,3 @@ def has_forward_grad(*tensors: Tensor) -> bool:
     return any(
         isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors
     )
-
-
