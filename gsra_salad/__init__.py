@@ -3,15 +3,17 @@
 Public surface::
 
     from gsra_salad import (log_sinkhorn, dustbin_sinkhorn,
-                            GlobalSpatialRelationAttention, SALAD)
+                            GlobalSpatialRelationAttention, SALAD, CrossViewGeoLocalizer)
 """
 
 from ._version import __version__
 from .layers import SALAD, GlobalSpatialRelationAttention
+from .models import CrossViewGeoLocalizer
 from .ops import dustbin_sinkhorn, log_sinkhorn
 
 __all__ = [
     "SALAD",
+    "CrossViewGeoLocalizer",
     "GlobalSpatialRelationAttention",
     "__version__",
     "dustbin_sinkhorn",

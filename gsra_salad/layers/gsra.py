@@ -50,8 +50,9 @@ class GlobalSpatialRelationAttention(nn.Module):
     statistics updated exactly as ``nn.BatchNorm2d`` does, ``momentum=None`` included) and in eval
     (folded to a few vectors). With gradients enabled it saves only its input and parameters for
     backward and recomputes the block in the backward pass; its backward is not differentiable
-    again (double backward needs ``impl="reference"``). ``impl="auto"`` is ``"fused"`` except
-    under forward-mode AD, tracing and export.
+    again (double backward needs ``impl="reference"``). Without gradients, and while tracing or
+    exporting, it is plain torch operations (exportable). ``impl="auto"`` is ``"fused"`` except
+    under forward-mode AD.
 
     Args:
         channels: C, divisible by ``groups``.
@@ -144,9 +145,14 @@ class GlobalSpatialRelationAttention(nn.Module):
             )
 
     def _resolved_impl(self, x: Tensor) -> str:
+        if self.impl == "fused" and has_forward_grad(x):
+            raise RuntimeError(
+                "GlobalSpatialRelationAttention: impl='fused' does not support forward-mode AD "
+                "(dual tensors); use impl='reference' or impl='auto'"
+            )
         if self.impl != "auto":
             return self.impl
-        return "reference" if (is_tracing() or has_forward_grad(x)) else "fused"
+        return "reference" if has_forward_grad(x) else "fused"
 
     def _count_batches(self) -> None:
         if not self.training:
@@ -166,10 +172,12 @@ class GlobalSpatialRelationAttention(nn.Module):
             return self._forward_reference(x)
         self._count_batches()
         params = dict(self.named_parameters())
-        if torch.is_grad_enabled() and (
+        needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params.values())
-        ):
+        )
+        if needs_grad and not is_tracing():
             return _RecomputedGSRA.apply(self, tuple(params), x, *params.values())
+        # inference, tracing and export: the low-rank form in plain torch operations
         return gsra_lowrank(x, self, params, update=True)
 
     def _forward_reference(self, x: Tensor) -> Tensor:

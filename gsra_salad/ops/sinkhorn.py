@@ -348,7 +348,7 @@ def dustbin_sinkhorn(
         m, n, balanced=balanced, dtype=dtype, device=scores.device
     )
     log_a, log_b = log_a.expand(batch, m + 1), log_b.expand(batch, n)
-    if dustbin.requires_grad:
+    if dustbin.requires_grad and torch.is_grad_enabled() and not is_tracing():
         dustbin = _ZeroGradient.apply(dustbin)
     diagnose = _make_diagnose(fn, "scores")
     with _no_autocast(scores.device):

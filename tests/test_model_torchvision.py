@@ -1,0 +1,147 @@
+"""The paper's model on torchvision's ConvNeXt: needs the 'torchvision' extra (CI installs it)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import SavedBytes
+from torch import nn
+
+from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention
+from gsra_salad.models import ConvNeXtTrunk
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def test_lrfr_at_384_gives_unit_descriptors_of_8192():
+    model = CrossViewGeoLocalizer.lrfr(img_size=384).eval()
+    assert model.descriptor_dim == 128 * 64
+    assert model.attention.spatial_size == (24, 24)
+    with torch.no_grad():
+        d = model(torch.randn(1, 3, 384, 384))
+    assert d.shape == (1, 8192)
+    torch.testing.assert_close(d.norm(dim=1), torch.ones(1))
+
+
+def test_lrfr_panorama_size_and_bad_sizes():
+    model = CrossViewGeoLocalizer.lrfr(img_size=(128, 512))
+    assert model.attention.spatial_size == (8, 32)
+    with pytest.raises(
+        ValueError, match=r"lrfr\(img_size=96\).*6x6 = 36 positions.*num_clusters=128"
+    ):
+        CrossViewGeoLocalizer.lrfr(img_size=96)
+    with pytest.raises(TypeError, match="unknown overrides"):
+        CrossViewGeoLocalizer.lrfr(img_size=384, clusters=3)
+
+
+def _published_lrfr_state(img_size=384, prefix=""):
+    """Random weights under the published key names: model.{backbone.backbone,attention,...}."""
+    convnext = torchvision.models.convnext_tiny(weights=None)
+    trunk = nn.Sequential(*list(convnext.features.children())[:-2])
+    side = img_size // 16
+    attention = GlobalSpatialRelationAttention(384, (side, side), groups=32)
+    aggregation = SALAD(384, 128, 64, token_dim=0)
+    state = {}
+    for name, module in (
+        ("model.backbone.backbone", trunk),
+        ("model.attention", attention),
+        ("model.aggregation", aggregation),
+    ):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(0, 0.02)
+        for key, value in module.state_dict().items():
+            state[f"{prefix}{name}.{key}"] = value.clone()
+    return state, (trunk, attention, aggregation)
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_lrfr_checkpoint_round_trip(tmp_path, prefix):
+    state, (trunk, attention, aggregation) = _published_lrfr_state(prefix=prefix)
+    path = tmp_path / "lrfr.pth"
+    torch.save(state, path)
+    model = CrossViewGeoLocalizer.from_lrfr_checkpoint(path, img_size=384).eval()
+    for module in (trunk, attention, aggregation):
+        module.eval()
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad():
+        want = nn.functional.normalize(aggregation(attention(trunk(x))), dim=1)
+        torch.testing.assert_close(model(x), want)
+    # from an in-memory state dict too
+    model2 = CrossViewGeoLocalizer.from_lrfr_checkpoint(state, img_size=384).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model2(x), want)
+
+
+def test_lrfr_checkpoint_mismatch_names_the_cause():
+    state, _ = _published_lrfr_state(img_size=256)
+    with pytest.raises(
+        ValueError, match=r"(?s)shape of attention\.gg_spatial\.0\.weight.*img_size=256"
+    ):
+        CrossViewGeoLocalizer.from_lrfr_checkpoint(state, img_size=384)
+    state, _ = _published_lrfr_state()
+    state["model.extra.weight"] = torch.zeros(1)
+    del state["model.aggregation.dust_bin"]
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)missing \(1\): aggregation\.dust_bin.*unexpected \(1\): model\.extra",
+    ):
+        CrossViewGeoLocalizer.from_lrfr_checkpoint(state)
+
+
+def test_lrfr_save_and_load_pretrained(tmp_path):
+    model = CrossViewGeoLocalizer.lrfr(img_size=(192, 256), num_clusters=16, cluster_dim=8).eval()
+    model.save_pretrained(tmp_path)
+    loaded = CrossViewGeoLocalizer.from_pretrained(tmp_path).eval()
+    x = torch.randn(1, 3, 192, 256)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert loaded.descriptor_dim == 16 * 8
+
+
+def test_pretrained_backbone_from_local_file(tmp_path):
+    full = torchvision.models.convnext_tiny(weights=None)
+    path = tmp_path / "convnext_tiny.pth"
+    torch.save(full.state_dict(), path)
+    trunk = ConvNeXtTrunk("tiny", weights=path)
+    torch.testing.assert_close(trunk.features[0][0].weight, full.features[0][0].weight)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ConvNeXtTrunk("tiny", weights=tmp_path / "missing.pth")
+
+
+def test_timm_backbone_stage_and_round_trip(tmp_path):
+    pytest.importorskip("timm")
+    from gsra_salad.models import TimmBackbone
+
+    backbone = TimmBackbone("resnet18", out_index=3)
+    assert (backbone.out_channels, backbone.stride) == (256, 16)
+    assert backbone(torch.randn(1, 3, 64, 96)).shape == (1, 256, 4, 6)
+    model = CrossViewGeoLocalizer(
+        backbone,
+        GlobalSpatialRelationAttention(256, (4, 4), groups=32),
+        SALAD(256, num_clusters=8, cluster_dim=4, token_dim=0),
+    ).eval()
+    model.save_pretrained(tmp_path)
+    loaded = CrossViewGeoLocalizer.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_grad_checkpointing_gives_the_same_gradients_with_less_saved_memory():
+    torch.manual_seed(0)
+    plain = CrossViewGeoLocalizer.lrfr(img_size=(192, 256), num_clusters=16, cluster_dim=8)
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing()
+    x = torch.randn(2, 3, 192, 256)
+    grads, saved = [], []
+    for model in (plain, ckpt):
+        torch.manual_seed(1)  # the same stochastic-depth draws
+        with SavedBytes() as counter:
+            out = model(x)
+        out.pow(2).sum().backward()
+        saved.append(counter.bytes)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+    assert saved[1] < saved[0] / 3
