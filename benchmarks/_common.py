@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -108,3 +109,27 @@ def write_json(name: str, path: Path | None, device: str, rows: list[dict], **ex
     payload = {"benchmark": name, "environment": environment(device), "rows": rows, **extra}
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def reset_peak_rss() -> int:
+    """Resets the peak RSS where Linux allows it (a child's peak starts at its parent's RSS at
+    fork time); returns the current RSS in bytes."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    try:
+        return _status_kb("VmHWM") * 1024
+    except (OSError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise ValueError(field)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternating_medians, parser, print_table, saved_bytes, write_json
+from _common import (
+    alternating_medians,
+    parser,
+    peak_rss,
+    print_table,
+    reset_peak_rss,
+    saved_bytes,
+    write_json,
+)
 
 from gsra_salad import SALAD
 
@@ -90,30 +97,6 @@ def peak_worker(case, side, device) -> None:
     before = reset_peak_rss()
     step(salad, x, side)
     print(json.dumps(peak_rss() - before))
-
-
-def reset_peak_rss() -> int:
-    """Resets the peak RSS where Linux allows it (a child's peak starts at its parent's RSS at
-    fork time); returns the current RSS in bytes."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return _status_kb("VmRSS") * 1024
-
-
-def peak_rss() -> int:
-    try:
-        return _status_kb("VmHWM") * 1024
-    except (OSError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise ValueError(field)
 
 
 def peak(case, side, device) -> int:
