@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 API = Path(__file__).resolve().parent / "api.md"
-MODULES = ["gsra_salad", "gsra_salad.ops"]
+MODULES = ["gsra_salad", "gsra_salad.ops", "gsra_salad.models"]
 
 
 def render() -> str:

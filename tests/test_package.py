@@ -17,6 +17,7 @@ PUBLIC = [
     "log_sinkhorn",
     "GlobalSpatialRelationAttention",
     "SALAD",
+    "CrossViewGeoLocalizer",
 ]
 
 
@@ -56,6 +57,14 @@ def test_layers_import_only_ops():
             assert level <= 2 and not module.startswith("gsra_salad"), (path.name, module)
 
 
+def test_models_import_only_layers_and_ops():
+    for path in (PACKAGE / "models").glob("*.py"):
+        for level, module in _imports(path):
+            if level == 2:
+                assert module.split(".")[0] in ("layers", "ops", "_version"), (path.name, module)
+            assert level <= 2 and not module.startswith("gsra_salad"), (path.name, module)
+
+
 def test_library_code_never_prints():
     for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())
@@ -90,9 +99,11 @@ def test_ci_runs_the_readme_test_command():
     assert test_command in ci.splitlines()
 
 
-def test_readme_python_examples_run():
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples may write files
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)\n```", readme, flags=re.S)
     assert blocks
+    namespace: dict = {}  # the blocks read as one session, each continuing the last
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "README.md", "exec"), namespace)

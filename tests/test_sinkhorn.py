@@ -326,7 +326,6 @@ def test_double_backward_needs_reference():
         g.sum().backward()
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_auto_uses_reference_under_forward_mode_ad():
     import torch.autograd.forward_ad as fwAD
 
