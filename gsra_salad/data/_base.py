@@ -1,0 +1,107 @@
+"""Shared plumbing of the readers: image decoding, path checks, the pair dataset. Private."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+Transform = Callable[[Tensor], Tensor]
+PairTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def require(module: str, extra: str = "data"):
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"{module} is needed here but not installed: pip install 'gsra-salad[{extra}]'"
+        ) from err
+
+
+def load_rgb(path: str | Path) -> Tensor:
+    """Decodes an image file with Pillow into an RGB uint8 tensor (3, H, W)."""
+    image_module = require("PIL.Image")
+    with image_module.open(path) as image:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def check_dir(path: Path, dataset: str, layout: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{dataset}: directory {path} not found. Expected layout: {layout}")
+    return path
+
+
+def check_file(path: Path, dataset: str, layout: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{dataset}: file {path} not found. Expected layout: {layout}")
+    return path
+
+
+class PairDataset(Dataset):
+    """(query image, reference image, location id) triples from lists of paths.
+
+    Subclasses fill ``query_paths``, ``reference_paths``, ``labels`` (and ``positions`` where the
+    dataset has them). Items: ``(query (3, H, W), reference (3, H', W'), label)``; images are
+    uint8 tensors unless the transforms change them. ``pair_transform(query, reference)`` runs
+    first (e.g. :class:`~gsra_salad.data.PairedAugmentation`), then the per-view transforms.
+    """
+
+    def __init__(
+        self,
+        query_paths: Sequence[Path],
+        reference_paths: Sequence[Path],
+        labels: Sequence[int],
+        *,
+        query_transform: Transform | None = None,
+        reference_transform: Transform | None = None,
+        pair_transform: PairTransform | None = None,
+        positions: np.ndarray | None = None,
+    ) -> None:
+        self.query_paths = list(query_paths)
+        self.reference_paths = list(reference_paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.positions = positions
+        self.query_transform = query_transform
+        self.reference_transform = reference_transform
+        self.pair_transform = pair_transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        query = load_rgb(self.query_paths[index])
+        reference = load_rgb(self.reference_paths[index])
+        if self.pair_transform is not None:
+            query, reference = self.pair_transform(query, reference)
+        if self.query_transform is not None:
+            query = self.query_transform(query)
+        if self.reference_transform is not None:
+            reference = self.reference_transform(reference)
+        return query, reference, int(self.labels[index])
+
+
+class ImageSet(Dataset):
+    """(image, label) items for evaluation sets; ``labels`` lists every label."""
+
+    def __init__(
+        self, paths: Sequence[Path], labels: Sequence[int], transform: Transform | None = None
+    ) -> None:
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = load_rgb(self.paths[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
