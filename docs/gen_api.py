@@ -13,7 +13,13 @@ import sys
 from pathlib import Path
 
 API = Path(__file__).resolve().parent / "api.md"
-MODULES = ["gsra_salad", "gsra_salad.ops", "gsra_salad.models"]
+MODULES = [
+    "gsra_salad",
+    "gsra_salad.ops",
+    "gsra_salad.models",
+    "gsra_salad.data",
+    "gsra_salad.data.synthetic",
+]
 
 
 def render() -> str:

@@ -65,6 +65,12 @@ def test_models_import_only_layers_and_ops():
             assert level <= 2 and not module.startswith("gsra_salad"), (path.name, module)
 
 
+def test_data_imports_no_model_code():
+    for path in (PACKAGE / "data").glob("*.py"):
+        for level, module in _imports(path):
+            assert level <= 1 and not module.startswith("gsra_salad"), (path.name, module)
+
+
 def test_library_code_never_prints():
     for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())
