@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -34,3 +36,18 @@ class SavedBytes:
 
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
+
+
+def published_matching_probs(scores, dustbin, num_iters=3):
+    """The published SALAD ``get_matching_probs``, written out as the test oracle."""
+    b, m, n = scores.shape
+    s_aug = torch.cat([scores, torch.as_tensor(dustbin).to(scores).expand(b, 1, n)], 1)
+    norm = -math.log(n + m)
+    log_a = torch.full((b, m + 1), norm, dtype=scores.dtype)
+    log_a[:, -1] += math.log(n - m)
+    log_b = torch.full((b, n), norm, dtype=scores.dtype)
+    u, v = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    for _ in range(num_iters):
+        u = log_a - torch.logsumexp(s_aug + v.unsqueeze(1), dim=2)
+        v = log_b - torch.logsumexp(s_aug + u.unsqueeze(2), dim=1)
+    return s_aug + u.unsqueeze(2) + v.unsqueeze(1) - norm

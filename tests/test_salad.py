@@ -1,9 +1,7 @@
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES
+from conftest import DEVICES, published_matching_probs
 from torch import nn
 
 from gsra_salad import SALAD, dustbin_sinkhorn
@@ -32,17 +30,7 @@ class _PublishedSALAD(nn.Module):
         x, t = x if self.token_dim else (x, None)
         f = self.cluster_features(x).flatten(2)
         p = self.score(x).flatten(2)
-        b, m, n = p.shape
-        s_aug = torch.cat([p, self.dust_bin.expand(b, 1, n)], 1)
-        norm = -math.log(n + m)
-        log_a = torch.full((b, m + 1), norm, dtype=p.dtype)
-        log_a[:, -1] += math.log(n - m)
-        log_b = torch.full((b, n), norm, dtype=p.dtype)
-        u, v = torch.zeros_like(log_a), torch.zeros_like(log_b)
-        for _ in range(3):
-            u = log_a - torch.logsumexp(s_aug + v.unsqueeze(1), dim=2)
-            v = log_b - torch.logsumexp(s_aug + u.unsqueeze(2), dim=1)
-        p = torch.exp(s_aug + u.unsqueeze(2) + v.unsqueeze(1) - norm)[:, :-1, :]
+        p = published_matching_probs(p, self.dust_bin).exp()[:, :-1, :]
         p = p.unsqueeze(1).repeat(1, self.cluster_dim, 1, 1)
         f = f.unsqueeze(2).repeat(1, 1, self.num_clusters, 1)
         out = F.normalize((f * p).sum(dim=-1), p=2, dim=1).flatten(1)

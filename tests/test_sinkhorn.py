@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, TOL, SavedBytes
+from conftest import DEVICES, TOL, SavedBytes, published_matching_probs
 
 from gsra_salad import dustbin_sinkhorn, log_sinkhorn
 from gsra_salad.ops import _sinkhorn_fused, dustbin_marginals
@@ -137,19 +137,7 @@ def test_batch_size_one_matches_batched(impl):
 def test_dustbin_matches_published_formulation():
     """Same values as the published ``get_matching_probs`` written out by hand."""
     scores = torch.randn(2, 3, 7, dtype=torch.float64)
-    b, m, n = scores.shape
-    s_aug = torch.empty(b, m + 1, n, dtype=scores.dtype)
-    s_aug[:, :m] = scores
-    s_aug[:, m] = 1.0
-    norm = -math.log(n + m)
-    log_a = torch.full((b, m + 1), norm, dtype=scores.dtype)
-    log_a[:, -1] += math.log(n - m)
-    log_b = torch.full((b, n), norm, dtype=scores.dtype)
-    u, v = torch.zeros_like(log_a), torch.zeros_like(log_b)
-    for _ in range(3):
-        u = log_a - torch.logsumexp(s_aug + v.unsqueeze(1), dim=2)
-        v = log_b - torch.logsumexp(s_aug + u.unsqueeze(2), dim=1)
-    want = s_aug + u.unsqueeze(2) + v.unsqueeze(1) - norm
+    want = published_matching_probs(scores, 1.0, 3)
     for impl in ("reference", "fused", "auto"):
         torch.testing.assert_close(dustbin_sinkhorn(scores, 1.0, 3, impl=impl), want)
 
