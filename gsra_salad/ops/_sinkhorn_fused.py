@@ -106,29 +106,28 @@ def scaling_forward(
     num_iters: int,
     dustbin_row: bool,
     shift: float = 0.0,
-) -> tuple[Tensor | None, Tensor]:
-    """Forward of the scaling form. Returns ``(log_plan + shift or None if the guard failed, ok)``.
+) -> Tensor | None:
+    """Forward of the scaling form: the log plan plus ``shift``, or None if the guard failed.
 
     ``log_q``/``q``: (B, M', N) row-log-softmax and row-softmax of the (non-dustbin) rows;
     ``log_a``: (B, M) with M = M' (+1 with a dustbin row); ``log_b``: (B, N).
     """
     a, b = log_a.exp(), log_b.exp()
     alphas, betas, rs, cs = _scaling_iterates(q, a, b, num_iters, dustbin_row)
-    ok = _scalings_ok(alphas, betas, rs, cs)
-    if not bool(ok):
-        return None, ok
+    if not bool(_scalings_ok(alphas, betas, rs, cs)):
+        return None
     log_alpha, log_beta = alphas[-1].log() + shift, betas[-1].log()
     rows = q.shape[1]
     if not dustbin_row:  # log_q is ours: write the plan into it
         log_q += log_alpha[:, :, None]
         log_q += log_beta[:, None, :]
-        return log_q, ok
+        return log_q
     batch, _, n = q.shape
     out = log_q.new_empty(batch, rows + 1, n)
     torch.add(log_q, log_alpha[:, :rows, None], out=out[:, :rows])
     out[:, rows:] = log_alpha[:, rows:, None] - math.log(n)
     out += log_beta[:, None, :]
-    return out, ok
+    return out
 
 
 def scaling_backward(
@@ -189,7 +188,7 @@ class _ScalingSinkhorn(torch.autograd.Function):
         ctx.num_iters, ctx.dustbin_row = num_iters, dustbin_row
         log_q = torch.log_softmax(src, dim=-1)
         q = torch.exp(log_q)
-        out, _ = scaling_forward(log_q, q, log_a, log_b, num_iters, dustbin_row, shift)
+        out = scaling_forward(log_q, q, log_a, log_b, num_iters, dustbin_row, shift)
         if out is not None:
             ctx.mode = "scaling"
             ctx.save_for_backward(q, log_a, log_b)
