@@ -28,6 +28,10 @@ class CrossViewGeoLocalizer(nn.Module):
     reference view through the same weights (``share_weights=True``, as in LRFR) or through a
     second copy of the whole stack (``share_weights=False``).
 
+    Under ``torch.autocast`` (bfloat16 on CPU, float16 / bfloat16 on CUDA) the Sinkhorn solve
+    stays in float32 and the descriptors have a cosine similarity of at least 0.99 to the
+    float32 ones (tested; 0.99999 measured for ``lrfr()`` at 384 x 384 with bfloat16 on CPU).
+
     Args:
         backbone: any module mapping images (B, 3, H, W) to features (B, C, h, w).
         attention: a module (B, C, h, w) -> (B, C, h, w), or ``None`` for none.
