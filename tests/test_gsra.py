@@ -119,7 +119,7 @@ def test_fused_gradcheck():
     )
 
 
-def test_saves_only_input_and_parameters():
+def test_saves_only_input_parameters_and_projections():
     _, fused = _pair(64, (8, 8), 8, dtype=torch.float32)
     ref = copy.deepcopy(fused)
     ref.impl = "reference"
@@ -129,8 +129,14 @@ def test_saves_only_input_and_parameters():
     with SavedBytes() as ref_bytes:
         ref(x)
     params = sum(p.numel() * p.element_size() for p in fused.parameters())
-    assert fused_bytes.bytes == x.numel() * x.element_size() + params
+    x_bytes = x.numel() * x.element_size()
+    # training: the input, the parameters and the (B g, HW/2, 2 Ci) projections (as big as x)
+    assert fused_bytes.bytes == 2 * x_bytes + params
     assert ref_bytes.bytes > 10 * fused_bytes.bytes
+    fused.eval()
+    with SavedBytes() as eval_bytes:
+        fused(x)
+    assert eval_bytes.bytes == x_bytes + params
 
 
 def test_state_dict_has_the_published_names_and_shapes():

@@ -81,7 +81,13 @@ def _matrix(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], weight.shape[1])
 
 
-def gsra_lowrank(x: Tensor, module, params: Mapping[str, Tensor], update: bool) -> Tensor:
+def gsra_lowrank(
+    x: Tensor,
+    module,
+    params: Mapping[str, Tensor],
+    update: bool,
+    projections: dict[str, Tensor] | None = None,
+) -> Tensor:
     """The GSRA forward in low-rank form, with plain differentiable torch ops.
 
     Args:
@@ -91,6 +97,8 @@ def gsra_lowrank(x: Tensor, module, params: Mapping[str, Tensor], update: bool) 
         params: its parameters by state-dict name (``dict(module.named_parameters())``, or
             stand-ins for them).
         update: update BatchNorm running statistics (first forward) or not (recomputation).
+        projections: a dict to keep the (S, P/2, 2Ci) projections ``C_s`` in (first forward)
+            or to take them from (recomputation: only their backward runs again).
 
     Returns:
         (B, C, H, W), equal to the literal formulation up to rounding.
@@ -139,9 +147,14 @@ def gsra_lowrank(x: Tensor, module, params: Mapping[str, Tensor], update: bool) 
         # einsum folds (S, Ci) into one GEMM (a broadcast matmul would form the weight's
         # gradient as an (S, P/2, P) tensor); the reduction is a broadcast product, not an
         # einsum, whose bmm backward would copy a stride-0 gradient one sample at a time.
-        c_a = torch.einsum("oi,sci->soc", w_a, phi)  # (S, P/2, Ci)
-        c_b = torch.einsum("oi,sci->soc", w_b, theta)
-        cm = torch.cat([c_a, c_b], dim=2)
+        if projections is not None and "cm" in projections:
+            cm = _Projections.apply(w_a, w_b, phi, theta, projections["cm"])
+        else:
+            c_a = torch.einsum("oi,sci->soc", w_a, phi)  # (S, P/2, Ci)
+            c_b = torch.einsum("oi,sci->soc", w_b, theta)
+            cm = torch.cat([c_a, c_b], dim=2)
+            if projections is not None:
+                projections["cm"] = cm
         second = torch.matmul(z, z.transpose(1, 2)) / p  # (S, 2Ci, 2Ci)
         sq = (torch.matmul(cm, second) * cm).sum((0, 2)) / s
         var = (sq - mean * mean).clamp_min(0)
@@ -172,26 +185,57 @@ def gsra_lowrank(x: Tensor, module, params: Mapping[str, Tensor], update: bool) 
     return out.view(b, g, ci, h, w).transpose(1, 2).reshape(b, c, h, w)
 
 
+class _Projections(torch.autograd.Function):
+    """``C_s = [Wa phi_s^T | Wb theta_s^T]`` given its saved value: the recomputation skips the
+    two large GEMMs of the forward and runs only their backward."""
+
+    @staticmethod
+    def forward(ctx, w_a, w_b, phi, theta, value: Tensor) -> Tensor:
+        ctx.save_for_backward(w_a, w_b, phi, theta)
+        return value.view_as(value)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        w_a, w_b, phi, theta = ctx.saved_tensors
+        ci = phi.shape[1]
+        g_a, g_b = grad[..., :ci], grad[..., ci:]
+        return (
+            torch.einsum("soc,sci->oi", g_a, phi) if ctx.needs_input_grad[0] else None,
+            torch.einsum("soc,sci->oi", g_b, theta) if ctx.needs_input_grad[1] else None,
+            torch.einsum("oi,soc->sci", w_a, g_a) if ctx.needs_input_grad[2] else None,
+            torch.einsum("oi,soc->sci", w_b, g_b) if ctx.needs_input_grad[3] else None,
+            None,
+        )
+
+
 class _RecomputedGSRA(torch.autograd.Function):
-    """Runs :func:`gsra_lowrank` without autograd and saves only the input and parameters;
-    the backward recomputes the block from its input (running statistics untouched)."""
+    """Runs :func:`gsra_lowrank` without autograd and saves only the input, the parameters and
+    (training mode) the projections ``C_s``, as large as the input; the backward recomputes the
+    block from its input (running statistics untouched, the projections' GEMMs skipped)."""
 
     @staticmethod
     def forward(ctx, module, names: tuple[str, ...], x: Tensor, *params: Tensor) -> Tensor:
         ctx.module, ctx.names = module, names
         ctx.autocast = _autocast_state(x.device)
-        ctx.save_for_backward(x, *params)
-        return gsra_lowrank(x, module, dict(zip(names, params)), update=True)
+        projections: dict[str, Tensor] = {}
+        out = gsra_lowrank(x, module, dict(zip(names, params)), True, projections)
+        ctx.num_params = len(params)
+        ctx.save_for_backward(x, *params, *projections.values())
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
         needs = ctx.needs_input_grad[2:]
-        leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
+        saved = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(saved, needs)]
+        projections = {"cm": saved[-1]} if len(saved) > 1 + ctx.num_params else None
         device_type, enabled, dtype = ctx.autocast
         autocast = torch.autocast(device_type, dtype=dtype) if enabled else contextlib.nullcontext()
         with torch.enable_grad(), autocast:
-            out = gsra_lowrank(leaves[0], ctx.module, dict(zip(ctx.names, leaves[1:])), False)
+            params = dict(zip(ctx.names, leaves[1:]))
+            out = gsra_lowrank(leaves[0], ctx.module, params, False, projections)
         wanted = [t for t, need in zip(leaves, needs) if need]
         grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
         return (None, None, *[next(grads) if need else None for need in needs])
