@@ -47,7 +47,9 @@ class UniqueLabelBatchSampler(Sampler[list[int]]):
         labels: (N,) location id of every sample (e.g. ``dataset.labels``).
         batch_size: samples per batch on each rank.
         seed: base seed; the epoch's permutation uses ``seed + epoch``.
-        drop_last: drop the incomplete global batches at the end of the epoch.
+        drop_last: drop the incomplete global batches at the end of the epoch. Keep it true in
+            distributed training: the incomplete batches are split over the ranks as evenly as
+            possible, which can leave a rank an empty or a smaller batch.
         num_replicas, rank: distributed split (default: from ``torch.distributed`` if
             initialised, else 1 and 0).
 
