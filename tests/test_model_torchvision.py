@@ -145,3 +145,16 @@ def test_grad_checkpointing_gives_the_same_gradients_with_less_saved_memory():
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
     assert saved[1] < saved[0] / 3
+
+
+def test_pretrained_backbone_true_without_network_says_what_to_do(monkeypatch):
+    from torchvision.models._api import WeightsEnum
+
+    def offline(self, *args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(
+        RuntimeError, match=r"(?s)ImageNet weights for convnext_tiny.*cache.*pretrained_backbone="
+    ):
+        CrossViewGeoLocalizer.lrfr(img_size=384, pretrained_backbone=True)
