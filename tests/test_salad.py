@@ -153,3 +153,22 @@ def test_bad_input_raises_clear_errors():
         SALAD(32, 0, 4)
     with pytest.raises(ValueError, match="impl must be one of"):
         SALAD(32, 8, 4, impl="fast")
+
+
+def test_ddp_does_not_see_an_unused_dust_bin(tmp_path):
+    """DistributedDataParallel (gloo, one process) errors on the second step if a parameter got
+    no gradient in the first; dust_bin's exact zero gradient must count as used."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(SALAD(16, 4, 2, token_dim=0))
+        for _ in range(3):
+            model(torch.randn(2, 16, 3, 3)).sum().backward()
+        assert model.module.dust_bin.grad.item() == 0.0
+    finally:
+        dist.destroy_process_group()
