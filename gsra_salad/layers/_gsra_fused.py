@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ..ops._dispatch import autocast_state
+
 __all__: list[str] = []
 
 
@@ -217,7 +219,7 @@ class _RecomputedGSRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module, names: tuple[str, ...], x: Tensor, *params: Tensor) -> Tensor:
         ctx.module, ctx.names = module, names
-        ctx.autocast = _autocast_state(x.device)
+        ctx.autocast = autocast_state(x.device)
         projections: dict[str, Tensor] = {}
         out = gsra_lowrank(x, module, dict(zip(names, params)), True, projections)
         ctx.num_params = len(params)
@@ -239,12 +241,3 @@ class _RecomputedGSRA(torch.autograd.Function):
         wanted = [t for t, need in zip(leaves, needs) if need]
         grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
         return (None, None, *[next(grads) if need else None for need in needs])
-
-
-def _autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype]:
-    try:
-        enabled = torch.is_autocast_enabled(device.type)
-        dtype = torch.get_autocast_dtype(device.type)
-    except (RuntimeError, TypeError):
-        return device.type, False, torch.float32
-    return device.type, enabled, dtype

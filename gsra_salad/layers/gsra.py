@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
-from ..ops._dispatch import has_forward_grad, is_tracing
+from ..ops._dispatch import Impl, check_impl, has_forward_grad, is_tracing
 from ._gsra_fused import _RecomputedGSRA, gsra_lowrank
 
 __all__ = ["GlobalSpatialRelationAttention"]
-
-_IMPLS = ("auto", "fused", "reference")
 
 
 def _pair(spatial_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -80,7 +76,7 @@ class GlobalSpatialRelationAttention(nn.Module):
         spatial_size: int | tuple[int, int],
         groups: int = 32,
         *,
-        impl: Literal["auto", "fused", "reference"] = "auto",
+        impl: Impl = "auto",
     ) -> None:
         super().__init__()
         h, w = _pair(spatial_size)
@@ -97,8 +93,7 @@ class GlobalSpatialRelationAttention(nn.Module):
                 "a positive even number; change the input size so the feature map has an even "
                 "number of positions"
             )
-        if impl not in _IMPLS:
-            raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+        check_impl(type(self).__name__, impl)
         self.channels = channels
         self.spatial_size = (h, w)
         self.groups = groups

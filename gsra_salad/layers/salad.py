@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops._dispatch import Impl, check_impl
 from ..ops.sinkhorn import dustbin_sinkhorn
 
 __all__ = ["SALAD"]
-
-_IMPLS = ("auto", "fused", "reference")
 
 
 class SALAD(nn.Module):
@@ -66,7 +64,7 @@ class SALAD(nn.Module):
         dropout: float = 0.3,
         sinkhorn_iters: int = 3,
         *,
-        impl: Literal["auto", "fused", "reference"] = "auto",
+        impl: Impl = "auto",
     ) -> None:
         super().__init__()
         for name, value in (
@@ -81,8 +79,7 @@ class SALAD(nn.Module):
             raise ValueError(
                 f"SALAD: token_dim must be >= 0 (0 = no global token), got {token_dim}"
             )
-        if impl not in _IMPLS:
-            raise ValueError(f"SALAD: impl must be one of {_IMPLS}, got {impl!r}")
+        check_impl("SALAD", impl)
         self.num_channels = num_channels
         self.num_clusters = num_clusters
         self.cluster_dim = cluster_dim

@@ -16,8 +16,6 @@ from .backbones import ConvNeXtTrunk, build_backbone, feature_size
 
 __all__ = ["CrossViewGeoLocalizer"]
 
-Impl = Literal["auto", "fused", "reference"]
-
 
 class CrossViewGeoLocalizer(nn.Module):
     """A retrieval model for cross-view geo-localization: one descriptor per image.

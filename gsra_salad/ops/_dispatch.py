@@ -1,13 +1,40 @@
-"""How an ``impl="auto"`` call finds out what autograd and tracing need. Private."""
+"""The ``impl`` choice and what an ``impl="auto"`` call needs to know. Private."""
 
 from __future__ import annotations
 
 import sys
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["checks_enabled", "has_forward_grad", "is_tracing"]
+__all__ = [
+    "IMPLS",
+    "Impl",
+    "autocast_state",
+    "check_impl",
+    "checks_enabled",
+    "has_forward_grad",
+    "is_tracing",
+]
+
+Impl = Literal["auto", "fused", "reference"]
+IMPLS = ("auto", "fused", "reference")
+
+
+def check_impl(owner: str, impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"{owner}: impl must be one of {IMPLS}, got {impl!r}")
+
+
+def autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype]:
+    """``(device type, autocast enabled, autocast dtype)`` for ``device``'s type."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type)
+    except (RuntimeError, TypeError):
+        return device.type, False, torch.float32
+    return device.type, enabled, dtype
 
 
 def is_tracing() -> bool:

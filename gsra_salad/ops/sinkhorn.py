@@ -31,28 +31,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-from ._dispatch import checks_enabled, has_forward_grad, is_tracing
+from ._dispatch import (
+    Impl,
+    autocast_state,
+    check_impl,
+    checks_enabled,
+    has_forward_grad,
+    is_tracing,
+)
 from ._sinkhorn_fused import _ScalingSinkhorn, _ZeroGradient
 
 __all__ = ["Impl", "dustbin_sinkhorn", "log_sinkhorn"]
-
-Impl = Literal["auto", "fused", "reference"]
-_IMPLS = ("auto", "fused", "reference")
 
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_impl(fn: str, impl: str) -> None:
-    if impl not in _IMPLS:
-        raise ValueError(f"{fn}: impl must be one of {_IMPLS}, got {impl!r}")
 
 
 def _check_num_iters(fn: str, num_iters: int) -> int:
@@ -102,7 +100,7 @@ def _marginal(fn: str, name: str, x: Tensor, batch: int, size: int, dim: str, re
 
 
 def _resolve_impl(fn: str, impl: str, *tensors: Tensor) -> str:
-    _check_impl(fn, impl)
+    check_impl(fn, impl)
     if impl == "reference":
         return impl
     dual = has_forward_grad(*tensors)
@@ -118,10 +116,7 @@ def _resolve_impl(fn: str, impl: str, *tensors: Tensor) -> str:
 
 def _no_autocast(device: torch.device):
     """Autocast would run the float32 solve's matmuls in half precision: switch it off."""
-    try:
-        enabled = torch.is_autocast_enabled(device.type)
-    except (RuntimeError, TypeError):
-        enabled = False
+    _, enabled, _ = autocast_state(device)
     return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
