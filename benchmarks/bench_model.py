@@ -17,6 +17,7 @@ training step >= 1.5x faster with >= 2x smaller peak memory.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def main() -> None:
     p.set_defaults(repeats=3, warmup=1)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--img-size", type=int, default=384)
-    p.add_argument("--worker", choices=VARIANTS, help=argparse_hidden())
+    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     batch, size = (2, 192) if args.quick else (args.batch, args.img_size)
     if args.worker:
@@ -170,12 +171,6 @@ def main() -> None:
     print_table([row], list(row))
     path = write_json("bench_model", args.json, device, [row])
     print(f"\nwrote {path}")
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

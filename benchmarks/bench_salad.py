@@ -15,6 +15,7 @@ aggregation from the MLP outputs); the two MLPs are the same code on both sides.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -107,8 +108,8 @@ def peak(case, side, device) -> int:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--worker", choices=["ours", "published"], help=argparse_hidden())
-    p.add_argument("--case", help=argparse_hidden())
+    p.add_argument("--worker", choices=["ours", "published"], help=argparse.SUPPRESS)
+    p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         peak_worker(tuple(json.loads(args.case)), args.worker, args.device)
@@ -184,12 +185,6 @@ def main() -> None:
     print_table(rows, list(rows[0]))
     path = write_json("bench_salad", args.json, args.device, rows)
     print(f"\nwrote {path}")
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
