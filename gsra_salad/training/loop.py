@@ -1,0 +1,570 @@
+"""The training loop the examples share: :func:`fit`, :func:`train_one_epoch`, :func:`evaluate`.
+
+One epoch: batches of distinct locations (or of hard negatives), autocast forward, the loss in
+float32, backward (through a GradScaler for float16), clipping, AdamW step, schedule step. Every
+``eval_every`` epochs (and after the last) the retrieval tasks are evaluated with
+:func:`~gsra_salad.evaluation.evaluate_retrieval`; hard-negative batches can then be rebuilt from
+the new embeddings. After every epoch rank 0 appends a line to ``<output-dir>/metrics.jsonl`` and
+writes ``<output-dir>/last/`` (and ``best/`` on a better R@1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..data import NeighbourBatchSampler, UniqueLabelBatchSampler
+from ..data._base import load_rgb
+from ..evaluation import embed, evaluate_retrieval
+from . import checkpoint as ckpt
+from .distributed import DistributedContext, barrier, gather_rows, get_context, shard_range
+from .optim import build_optimizer, build_scheduler, clip_gradients
+from .precision import autocast, grad_scaler, resolve_precision
+from .state import TrainState, get_rng_state, set_rng_state
+
+__all__ = [
+    "ContrastivePair",
+    "FitResult",
+    "PairView",
+    "RetrievalTask",
+    "TrainConfig",
+    "evaluate",
+    "fit",
+    "train_one_epoch",
+]
+
+logger = logging.getLogger(__name__)
+
+Mining = Literal["none", "gps", "embedding", "gps+embedding"]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a run (defaults: Sample4Geo's recipe, DESIGN section 7).
+
+    Attributes:
+        epochs: training epochs.
+        batch_size: pairs per optimizer step over all processes (split evenly over the ranks).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay (torch's default 0.01).
+        schedule: ``"cosine"``, ``"linear"`` or ``"constant"``, after the warmup.
+        warmup_epochs: linear warmup length in epochs (may be fractional, 0 = none).
+        clip_value: clip every gradient element to [-clip_value, clip_value] (``None``: off).
+        clip_norm: clip the total gradient norm (``None``: off).
+        precision: ``"auto"`` (float16 + GradScaler on CUDA, float32 on CPU), ``"bf16"``,
+            ``"fp16"`` or ``"fp32"``.
+        grad_checkpointing: recompute the backbone's activations in backward.
+        eval_every: evaluate every this many epochs (and after the last).
+        eval_batch_size: images per batch when embedding for evaluation.
+        mining: batch construction: ``"none"`` (distinct locations in random order), ``"gps"``
+            (GPS neighbours, needs the training set's ``positions``), ``"embedding"``
+            (neighbours in the last embeddings, rebuilt after each evaluation; random order
+            before the first) or ``"gps+embedding"`` (GPS until the first evaluation).
+        mining_neighbours: neighbours kept per sample for mining (Sample4Geo: pool 128).
+        neighbours_per_anchor: how many of an anchor's neighbours join its batch.
+        seed: seeds the model's initialisation, the batch order and the augmentations.
+        workers: DataLoader worker processes.
+        output_dir: where ``last/``, ``best/`` and ``metrics.jsonl`` go (``None``: no files).
+        progress: tqdm progress bars (rank 0, needs the ``progress`` extra).
+    """
+
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_epochs: float = 1.0
+    clip_value: float | None = 100.0
+    clip_norm: float | None = None
+    precision: str = "auto"
+    grad_checkpointing: bool = False
+    eval_every: int = 4
+    eval_batch_size: int = 128
+    mining: Mining = "none"
+    mining_neighbours: int = 64
+    neighbours_per_anchor: int = 3
+    seed: int = 1
+    workers: int = 4
+    output_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise ValueError(
+                "epochs, batch_size and eval_every must be >= 1, got "
+                f"{self.epochs}, {self.batch_size}, {self.eval_every}"
+            )
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.mining not in ("none", "gps", "embedding", "gps+embedding"):
+            raise ValueError(
+                f"mining must be 'none', 'gps', 'embedding' or 'gps+embedding', got {self.mining!r}"
+            )
+
+
+@dataclass
+class RetrievalTask:
+    """One evaluation: queries against references, e.g. ground panoramas against satellite tiles.
+
+    Attributes:
+        name: the task's name in metrics (e.g. ``"val"``, ``"drone->satellite"``).
+        queries: dataset of ``(image, label)``.
+        references: dataset of ``(image, label)`` (label -1 = junk).
+        query_view: which of the model's views embeds the queries (``"query"``/``"reference"``).
+        reference_view: which view embeds the references.
+        protocol: ``"cvusa"`` or ``"university1652"`` (see :func:`evaluate_retrieval`).
+    """
+
+    name: str
+    queries: Dataset
+    references: Dataset
+    query_view: str = "query"
+    reference_view: str = "reference"
+    protocol: str = "cvusa"
+
+
+class PairView(Dataset):
+    """``(image, label)`` items of one side of a pair dataset (``view=0`` query, ``1`` reference).
+
+    For the library's pair datasets (which list ``query_paths`` / ``reference_paths``) only that
+    side's image is decoded, with that side's transform (the pair transform is skipped); for any
+    other dataset of ``(query, reference, label)`` items the item is built and one side kept.
+
+    Example:
+        >>> pairs = [(torch.zeros(1), torch.ones(1), 7)]
+        >>> PairView(pairs, 1)[0]
+        (tensor([1.]), 7)
+    """
+
+    def __init__(self, pairs: Dataset, view: int) -> None:
+        if view not in (0, 1):
+            raise ValueError(f"view must be 0 (query) or 1 (reference), got {view!r}")
+        self.pairs, self.view = pairs, view
+        side = "query" if view == 0 else "reference"
+        self._paths = getattr(pairs, f"{side}_paths", None)
+        self._transform = getattr(pairs, f"{side}_transform", None)
+        self.labels = getattr(pairs, "labels", None)
+
+    def __len__(self) -> int:
+        return len(self.pairs)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        if self._paths is not None and self.labels is not None:
+            image = load_rgb(self._paths[index])
+            if self._transform is not None:
+                image = self._transform(image)
+            return image, int(self.labels[index])
+        item = self.pairs[index]
+        return item[self.view], int(item[2])
+
+
+class ContrastivePair(nn.Module):
+    """The model and the loss in one module, so that DistributedDataParallel synchronises the
+    loss's learnable temperature too. The loss runs in float32 outside autocast.
+
+    Shape:
+        - Input: query (B, 3, H, W), reference (B, 3, H', W'), labels (B,)
+        - Output: scalar loss
+    """
+
+    def __init__(self, model: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, query: Tensor, reference: Tensor, labels: Tensor) -> Tensor:
+        q, r = self.model(query, reference)
+        with torch.autocast(q.device.type, enabled=False):
+            return self.loss(q.float(), r.float(), labels=labels)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the last evaluation's metrics per task and the final state."""
+
+    metrics: dict[str, dict[str, Any]]
+    state: TrainState
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _progress(iterable, total: int, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def train_one_epoch(
+    module: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    config: TrainConfig,
+    state: TrainState,
+    context: DistributedContext,
+    *,
+    epoch: int = 0,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns ``{"loss", "lr", "images_per_s"}`` (this rank's).
+
+    ``module`` maps ``(query, reference, labels)`` to a scalar loss (:class:`ContrastivePair`,
+    possibly wrapped in DistributedDataParallel); ``state.step`` counts optimizer steps.
+    """
+    device = context.device
+    precision = resolve_precision(config.precision, device)
+    module.train()
+    total_loss, batches, images = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = _progress(loader, len(loader), config.progress and context.is_main, f"epoch {epoch + 1}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for query, reference, labels in bar:
+        query = query.to(device, non_blocking=True)
+        reference = reference.to(device, non_blocking=True)
+        labels = torch.as_tensor(labels).to(device, non_blocking=True)
+        with autocast(device, precision):
+            loss = module(query, reference, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {state.step} (epoch {epoch}); lower the lr or "
+                "use precision 'bf16'/'fp32'"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.clip_value is not None or config.clip_norm is not None:
+            scaler.unscale_(optimizer)
+            clip_gradients(params, value=config.clip_value, norm=config.clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        state.step += 1
+        total_loss += loss.item()
+        batches += 1
+        images += query.shape[0] + reference.shape[0]
+        if bar is not loader:
+            rate = images * context.world_size / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(
+                loss=f"{total_loss / batches:.4f}",
+                lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                img_s=f"{rate:.0f}",
+            )
+    seconds = time.perf_counter() - start
+    return {
+        "loss": total_loss / max(batches, 1),
+        "lr": scheduler.get_last_lr()[0],
+        "images_per_s": images * context.world_size / max(seconds, 1e-9),
+        "seconds": seconds,
+    }
+
+
+@torch.no_grad()
+def _embed_sharded(
+    model: nn.Module,
+    dataset: Dataset,
+    view: str,
+    config: TrainConfig,
+    context: DistributedContext,
+) -> tuple[Tensor, Tensor]:
+    """Every rank embeds its shard of ``dataset``; all ranks get all (N, D) descriptors."""
+    n = len(dataset)  # type: ignore[arg-type]
+    shard = Subset(dataset, list(shard_range(n, context.rank, context.world_size)))
+    loader = DataLoader(
+        shard,
+        batch_size=config.eval_batch_size,
+        num_workers=config.workers,
+        pin_memory=context.device.type == "cuda",
+    )
+    precision = resolve_precision(config.precision, context.device)
+
+    def describe(images: Tensor) -> Tensor:
+        with autocast(context.device, precision):
+            return model.embed(images, view).float()
+
+    descriptors, labels = embed(
+        describe,
+        loader,
+        device=context.device,
+        progress=config.progress and context.is_main,
+    )
+    descriptors = gather_rows(descriptors.to(context.device), n).cpu()
+    labels = gather_rows(torch.as_tensor(labels).to(context.device), n).cpu()
+    return descriptors, labels
+
+
+def evaluate(
+    model: nn.Module,
+    tasks: Sequence[RetrievalTask],
+    config: TrainConfig,
+    context: DistributedContext | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Recall@k (and AP) of every task; each rank embeds a shard, every rank gets the result.
+
+    Returns:
+        ``{task.name: {"R@1", "R@5", "R@10", "R@1%", ["AP"], "queries", "references"}}``.
+    """
+    context = context or get_context()
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for task in tasks:
+            q, ql = _embed_sharded(model, task.queries, task.query_view, config, context)
+            r, rl = _embed_sharded(model, task.references, task.reference_view, config, context)
+            metrics = evaluate_retrieval(q, r, ql, rl, protocol=task.protocol)
+            results[task.name] = {
+                **{k: float(v) for k, v in metrics.items()},
+                "queries": len(q),
+                "references": len(r),
+            }
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _build_sampler(labels, positions, config: TrainConfig, per_rank: int, saved=None):
+    kwargs = {"seed": config.seed, "drop_last": True}
+    neighbours = None if saved is None else saved.get("neighbours")
+    if neighbours is None and saved is None and config.mining in ("gps", "gps+embedding"):
+        if positions is None:
+            raise ValueError(
+                f"mining={config.mining!r} needs the training set's GPS positions "
+                "(dataset.positions), but it has none; use mining='none' or 'embedding'"
+            )
+        return NeighbourBatchSampler.from_positions(
+            labels,
+            np.asarray(positions),
+            per_rank,
+            metric="euclidean",
+            k=config.mining_neighbours,
+            neighbours_per_anchor=config.neighbours_per_anchor,
+            **kwargs,
+        )
+    if neighbours is not None:
+        return NeighbourBatchSampler(
+            labels,
+            neighbours.numpy(),
+            per_rank,
+            neighbours_per_anchor=config.neighbours_per_anchor,
+            **kwargs,
+        )
+    return UniqueLabelBatchSampler(labels, per_rank, **kwargs)
+
+
+def _sampler_state(sampler) -> dict[str, Any]:
+    neighbours = getattr(sampler, "neighbours", None)
+    return {
+        "epoch": sampler.epoch,
+        "neighbours": None if neighbours is None else torch.from_numpy(np.asarray(neighbours)),
+    }
+
+
+def _all_rng_states(context: DistributedContext) -> list[dict[str, Any]]:
+    state = get_rng_state()
+    if not context.distributed:
+        return [state]
+    states: list[Any] = [None] * context.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if hasattr(module, "module") else module
+
+
+def fit(
+    model: nn.Module,
+    loss: nn.Module,
+    train_set: Dataset,
+    tasks: Sequence[RetrievalTask],
+    config: TrainConfig,
+    *,
+    context: DistributedContext | None = None,
+    resume: bool = False,
+    mining_set: Dataset | None = None,
+) -> FitResult:
+    """Trains ``model`` with ``loss`` on ``train_set`` and evaluates on ``tasks``.
+
+    Args:
+        model: a :class:`~gsra_salad.CrossViewGeoLocalizer` (or any module with
+            ``forward(query, reference) -> (q, r)``, ``embed(images, view)`` and, to write
+            checkpoints, ``save_pretrained``); moved to the context's device.
+        loss: maps ``(q (B, D), r (B, D), labels=(B,))`` to a scalar; with several processes
+            build it with ``gather=True`` so that negatives come from every rank.
+        train_set: pair dataset, items ``(query, reference, label)``, with ``labels`` (and
+            ``positions`` for GPS mining).
+        tasks: evaluations; the first task's R@1 decides ``best/``.
+        config: the hyper-parameters.
+        context: from :func:`~gsra_salad.training.init_distributed` (default: current).
+        resume: continue from ``<output-dir>/last/`` exactly where it stopped.
+        mining_set: ``(image, label)`` items aligned with ``train_set`` (usually its
+            references with the evaluation transform) for embedding-neighbour mining.
+
+    Returns:
+        :class:`FitResult` with the final metrics of every task.
+    """
+    context = context or get_context()
+    device = context.device
+    if config.batch_size % context.world_size:
+        raise ValueError(
+            f"batch_size {config.batch_size} is the global batch; it must divide evenly over "
+            f"{context.world_size} processes"
+        )
+    if context.distributed and getattr(loss, "gather", True) is False:
+        logger.warning(
+            "training on %d processes with a loss built with gather=False: each rank only "
+            "sees its own %d negatives",
+            context.world_size,
+            config.batch_size // context.world_size,
+        )
+    if "embedding" in config.mining and mining_set is None:
+        raise ValueError(f"mining={config.mining!r} needs mining_set (the images to embed)")
+    output = Path(config.output_dir) if config.output_dir else None
+    model.to(device)
+    loss.to(device)
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    module: nn.Module = ContrastivePair(model, loss)
+    if context.distributed:
+        module = nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    labels = np.asarray(train_set.labels)  # type: ignore[attr-defined]
+    positions = getattr(train_set, "positions", None)
+    per_rank = config.batch_size // context.world_size
+    saved = None
+    if resume:
+        if output is None:
+            raise ValueError("resume=True needs config.output_dir (where last/ was written)")
+        saved = ckpt.load_training_state(output / "last")
+        weights = type(model).from_pretrained(output / "last")  # type: ignore[attr-defined]
+        model.load_state_dict(weights.state_dict())
+    sampler = _build_sampler(
+        labels, positions, config, per_rank, None if saved is None else saved["sampler"]
+    )
+    steps_per_epoch = len(sampler)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"no full batch of {config.batch_size} distinct locations in {len(labels)} pairs; "
+            "use a smaller batch size"
+        )
+    optimizer = build_optimizer(module, config.lr, config.weight_decay)
+    scheduler = build_scheduler(
+        optimizer,
+        config.schedule,
+        config.epochs * steps_per_epoch,
+        round(config.warmup_epochs * steps_per_epoch),
+    )
+    scaler = grad_scaler(device, config.precision)
+    state = TrainState()
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        loss.load_state_dict(saved["loss"])
+        state = TrainState(**saved["state"])
+        rng = saved["rng"]
+        if len(rng) != context.world_size:
+            logger.warning(
+                "resuming on %d processes a run saved on %d: RNG streams are not restored exactly",
+                context.world_size,
+                len(rng),
+            )
+        set_rng_state(rng[context.rank % len(rng)])
+        logger.info(
+            "resumed from %s at epoch %d (step %d)", output / "last", state.next_epoch, state.step
+        )
+
+    last_metrics: dict[str, dict[str, Any]] = {}
+    evaluated_at = -1
+    for epoch in range(state.next_epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        loader = DataLoader(
+            train_set,
+            batch_sampler=sampler,
+            num_workers=config.workers,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(
+                config.seed * 1_000_003 + epoch * 1_009 + context.rank
+            ),
+        )
+        stats = train_one_epoch(
+            module, loader, optimizer, scheduler, scaler, config, state, context, epoch=epoch
+        )
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, **stats}
+        improved = False
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            last_metrics = evaluate(model, tasks, config, context)
+            evaluated_at = epoch
+            record["metrics"] = last_metrics
+            r1 = next(iter(last_metrics.values()))["R@1"] if last_metrics else None
+            if r1 is not None and (state.best_metric is None or r1 > state.best_metric):
+                state.best_metric, state.best_epoch, improved = r1, epoch, True
+            if "embedding" in config.mining and mining_set is not None:
+                sampler = _refresh_neighbours(model, mining_set, labels, config, context, per_rank)
+        state.next_epoch = epoch + 1
+        state.history.append(record)
+        logger.info("%s", _summary(record))
+        rng_states = _all_rng_states(context)
+        if output is not None and context.is_main:
+            output.mkdir(parents=True, exist_ok=True)
+            with (output / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            training_state = {
+                "format": 1,
+                "state": state.as_dict(),
+                "config": asdict(config),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "loss": loss.state_dict(),
+                "sampler": _sampler_state(sampler),
+                "rng": rng_states,
+            }
+            ckpt.save_checkpoint(output / "last", _unwrap(model), training_state)
+            if improved:
+                ckpt.save_checkpoint(output / "best", _unwrap(model), copy_from=output / "last")
+        barrier()
+    if evaluated_at != config.epochs - 1 or not last_metrics:
+        last_metrics = evaluate(model, tasks, config, context)
+    return FitResult(last_metrics, state, state.history)
+
+
+def _refresh_neighbours(model, mining_set, labels, config, context, per_rank):
+    descriptors, _ = _embed_sharded(model, mining_set, "reference", config, context)
+    k = min(config.mining_neighbours, len(descriptors) - 1)
+    sampler = NeighbourBatchSampler.from_embeddings(
+        labels,
+        descriptors.numpy(),
+        per_rank,
+        k=k,
+        neighbours_per_anchor=config.neighbours_per_anchor,
+        seed=config.seed,
+        drop_last=True,
+    )
+    logger.info("hard negatives: rebuilt batches from %d embedding neighbours", k)
+    return sampler
+
+
+def _summary(record: dict[str, Any]) -> str:
+    text = (
+        f"epoch {record['epoch']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+        f"{record['images_per_s']:.0f} images/s"
+    )
+    for name, metrics in record.get("metrics", {}).items():
+        text += f"; {name} R@1 {metrics['R@1']:.2f}"
+        if "AP" in metrics:
+            text += f" AP {metrics['AP']:.2f}"
+    return text

@@ -1,0 +1,67 @@
+"""Mixed precision: one place that turns a precision name into an autocast context and a scaler.
+
+``"auto"`` is float16 autocast with a :class:`torch.amp.GradScaler` on CUDA and float32 on CPU;
+``"bf16"`` is bfloat16 autocast (CPU or CUDA, no scaler needed); ``"fp16"`` needs CUDA;
+``"fp32"`` turns autocast off. Only ``torch.amp`` is used (never the deprecated
+``torch.cuda.amp``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+
+__all__ = ["PRECISIONS", "Precision", "autocast", "grad_scaler", "resolve_precision"]
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """The concrete precision (``"fp32"``, ``"bf16"`` or ``"fp16"``) for ``device``.
+
+    Example:
+        >>> resolve_precision("auto", "cpu"), resolve_precision("bf16", "cpu")
+        ('fp32', 'bf16')
+    """
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"precision 'fp16' needs a CUDA device (it trains with a GradScaler), got {device}; "
+            "use 'bf16' for mixed precision on CPU"
+        )
+    return precision
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for a resolved precision (a no-op context for ``"fp32"``).
+
+    Example:
+        >>> with autocast("cpu", "bf16"):
+        ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+        torch.bfloat16
+    """
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+def grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradScaler:
+    """A ``torch.amp.GradScaler``, enabled only for float16 (bfloat16 and float32 need none).
+
+    Example:
+        >>> grad_scaler("cpu", "fp32").is_enabled()
+        False
+    """
+    device = torch.device(device)
+    enabled = resolve_precision(precision, device) == "fp16"
+    return torch.amp.GradScaler(device.type, enabled=enabled)
