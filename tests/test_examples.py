@@ -189,3 +189,20 @@ def test_missing_image_is_a_one_line_error(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "not found" in result.stderr
+
+
+def test_custom_models_doc_snippets_run(tmp_path):
+    """docs/custom-models.md's code blocks run as written, in order, in one namespace."""
+    import re
+
+    text = (ROOT / "docs" / "custom-models.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert len(blocks) == 2
+    namespace: dict = {"__name__": "custom_models_doc"}
+    torch.manual_seed(0)
+    for block in blocks:
+        exec(compile(block, "docs/custom-models.md", "exec"), namespace)
+    assert namespace["descriptors"].shape == (4, 160)
+    assert torch.allclose(namespace["descriptors"].norm(dim=1), torch.ones(4), atol=1e-5)
+    assert set(namespace["result"].metrics["val"]) >= {"R@1", "queries", "references"}
+    assert (Path(namespace["config"].output_dir) / "last" / "model_state.pt").is_file()

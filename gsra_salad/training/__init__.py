@@ -30,7 +30,14 @@ Example:
     (['R@1', 'R@1%', 'R@10'], 1)
 """
 
-from .checkpoint import TRAINING_STATE_FILE, load_training_state, recover, save_checkpoint
+from .checkpoint import (
+    STATE_DICT_FILE,
+    TRAINING_STATE_FILE,
+    load_model_weights,
+    load_training_state,
+    recover,
+    save_checkpoint,
+)
 from .distributed import (
     DistributedContext,
     barrier,
@@ -55,6 +62,7 @@ from .precision import autocast, grad_scaler, resolve_precision
 from .state import TrainState, get_rng_state, seed_everything, set_rng_state
 
 __all__ = [
+    "STATE_DICT_FILE",
     "TRAINING_STATE_FILE",
     "ContrastivePair",
     "DistributedContext",
@@ -77,6 +85,7 @@ __all__ = [
     "get_rng_state",
     "grad_scaler",
     "init_distributed",
+    "load_model_weights",
     "load_training_state",
     "recover",
     "resolve_precision",

@@ -22,11 +22,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["TRAINING_STATE_FILE", "load_training_state", "recover", "save_checkpoint"]
+__all__ = [
+    "STATE_DICT_FILE",
+    "TRAINING_STATE_FILE",
+    "load_model_weights",
+    "load_training_state",
+    "recover",
+    "save_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
 TRAINING_STATE_FILE = "training_state.pt"
+STATE_DICT_FILE = "model_state.pt"
 
 
 def _old(target: Path) -> Path:
@@ -81,7 +89,8 @@ def save_checkpoint(
 
     Args:
         target: the checkpoint directory (e.g. ``<output-dir>/last``).
-        model: a model with ``save_pretrained`` (unwrap DistributedDataParallel first).
+        model: the model (unwrap DistributedDataParallel first); written with its
+            ``save_pretrained`` if it has one, else as ``model_state.pt`` (its state dict).
         training_state: what :func:`load_training_state` returns on resume (tensors and plain
             Python values only, so that it loads with ``weights_only=True``).
         copy_from: copy this finished checkpoint directory instead of writing anew (``best``
@@ -102,7 +111,10 @@ def save_checkpoint(
             shutil.copytree(copy_from, tmp)
             os.chmod(tmp, 0o777 & ~umask)
         else:
-            model.save_pretrained(tmp)
+            if hasattr(model, "save_pretrained"):
+                model.save_pretrained(tmp)
+            else:  # a model of your own: its state dict (rebuild the module in code)
+                torch.save(model.state_dict(), tmp / STATE_DICT_FILE)
             if training_state is not None:
                 torch.save(training_state, tmp / TRAINING_STATE_FILE)
         _fsync_tree(tmp)
@@ -128,3 +140,19 @@ def load_training_state(directory: str | os.PathLike) -> dict[str, Any]:
             "epoch; drop --resume to start afresh)"
         )
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model_weights(directory: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Loads a checkpoint's weights into ``model`` (strictly), whichever way they were saved.
+
+    Raises:
+        FileNotFoundError: when the directory holds neither form.
+    """
+    directory = recover(directory)
+    if (directory / STATE_DICT_FILE).is_file():
+        state = torch.load(directory / STATE_DICT_FILE, map_location="cpu", weights_only=True)
+    elif hasattr(type(model), "from_pretrained"):
+        state = type(model).from_pretrained(directory).state_dict()
+    else:
+        raise FileNotFoundError(f"no model weights in {directory}")
+    model.load_state_dict(state)

@@ -397,9 +397,9 @@ def fit(
     """Trains ``model`` with ``loss`` on ``train_set`` and evaluates on ``tasks``.
 
     Args:
-        model: a :class:`~gsra_salad.CrossViewGeoLocalizer` (or any module with
-            ``forward(query, reference) -> (q, r)``, ``embed(images, view)`` and, to write
-            checkpoints, ``save_pretrained``); moved to the context's device.
+        model: a :class:`~gsra_salad.CrossViewGeoLocalizer`, or any module with
+            ``forward(query, reference) -> (q, r)`` and ``embed(images, view)`` (checkpoints
+            then hold its state dict); moved to the context's device.
         loss: maps ``(q (B, D), r (B, D), labels=(B,))`` to a scalar; with several processes
             build it with ``gather=True`` so that negatives come from every rank.
         train_set: pair dataset, items ``(query, reference, label)``, with ``labels`` (and
@@ -449,8 +449,7 @@ def fit(
         if output is None:
             raise ValueError("resume=True needs config.output_dir (where last/ was written)")
         saved = ckpt.load_training_state(output / "last")
-        weights = type(model).from_pretrained(output / "last")  # type: ignore[attr-defined]
-        model.load_state_dict(weights.state_dict())
+        ckpt.load_model_weights(output / "last", model)
     sampler = _build_sampler(
         labels, positions, config, per_rank, None if saved is None else saved["sampler"]
     )
