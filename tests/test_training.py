@@ -266,16 +266,39 @@ def test_fit_learns_writes_metrics_and_best(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_fit_resume_in_process_matches_uninterrupted(tmp_path, monkeypatch):
+class _InMemoryPairs(_Pairs):
+    """Serves its own batches, like gsra_salad.data.PreloadedPairs."""
+
+    def batches(self, sampler, augmentation=None):
+        for indices in sampler:
+            index = torch.as_tensor(indices)
+            q, r = self.images[index], self.images[index].flip(-1) + self.noise[index]
+            if augmentation is not None:
+                q, r = augmentation(q, r)
+            yield q, r, torch.as_tensor(self.labels[indices])
+
+
+class _Jitter:
+    """A batch augmentation with its own generator (its state must be checkpointed)."""
+
+    def __init__(self):
+        self.generator = torch.Generator().manual_seed(7)
+
+    def __call__(self, q, r):
+        return q + 0.1 * torch.rand(q.shape, generator=self.generator), r
+
+
+@pytest.mark.parametrize("source", ["dataloader", "batches"])
+def test_fit_resume_in_process_matches_uninterrupted(tmp_path, monkeypatch, source):
     from gsra_salad.training import loop
 
-    pairs = _Pairs(24)
+    pairs = _Pairs(24) if source == "dataloader" else _InMemoryPairs(24)
 
     def run(directory, resume=False):
         seed_everything(1)
         model, loss = _model(), InfoNCELoss()
         config = _config(directory, epochs=3, mining="gps", eval_every=2)
-        fit(model, loss, pairs, _task(pairs), config, resume=resume)
+        fit(model, loss, pairs, _task(pairs), config, resume=resume, augmentation=_Jitter())
         return model, loss
 
     full, full_loss = run(tmp_path / "a")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -208,7 +208,7 @@ def _progress(iterable, total: int, enabled: bool, desc: str):
 
 def train_one_epoch(
     module: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[tuple[Tensor, Tensor, Tensor]],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
@@ -219,6 +219,8 @@ def train_one_epoch(
     epoch: int = 0,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns ``{"loss", "lr", "images_per_s"}`` (this rank's).
+
+    ``loader`` yields ``(query, reference, labels)`` batches and has a ``len()``.
 
     ``module`` maps ``(query, reference, labels)`` to a scalar loss (:class:`ContrastivePair`,
     possibly wrapped in DistributedDataParallel); ``state.step`` counts optimizer steps.
@@ -333,6 +335,46 @@ def evaluate(
     return results
 
 
+class _Batches:
+    """An epoch's batches with a length (for the progress bar)."""
+
+    def __init__(self, batches: Iterable, length: int) -> None:
+        self.batches, self.length = batches, length
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _epoch_batches(train_set, sampler, augmentation, config, epoch, context):
+    """The training batches of one epoch: the dataset's own ``batches(sampler, augmentation)``
+    (an in-memory set such as :class:`~gsra_salad.data.PreloadedPairs`), else a DataLoader
+    (worker seeds derived from the seed, the epoch and the rank) with ``augmentation`` applied
+    to its batches."""
+    if hasattr(train_set, "batches"):
+        return _Batches(train_set.batches(sampler, augmentation), len(sampler))
+    loader = DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        num_workers=config.workers,
+        pin_memory=context.device.type == "cuda",
+        generator=torch.Generator().manual_seed(
+            config.seed * 1_000_003 + epoch * 1_009 + context.rank
+        ),
+    )
+    if augmentation is None:
+        return loader
+    augmented = ((*augmentation(q, r), labels) for q, r, labels in loader)
+    return _Batches(augmented, len(sampler))
+
+
+def _augmentation_generator(augmentation) -> torch.Generator | None:
+    generator = getattr(augmentation, "generator", None)
+    return generator if isinstance(generator, torch.Generator) else None
+
+
 def _build_sampler(labels, positions, config: TrainConfig, per_rank: int, saved=None):
     kwargs = {"seed": config.seed, "drop_last": True}
     neighbours = None if saved is None else saved.get("neighbours")
@@ -370,13 +412,16 @@ def _sampler_state(sampler) -> dict[str, Any]:
     }
 
 
-def _all_rng_states(context: DistributedContext) -> list[dict[str, Any]]:
-    state = get_rng_state()
+def _gather_objects(value: Any, context: DistributedContext) -> list[Any]:
     if not context.distributed:
-        return [state]
-    states: list[Any] = [None] * context.world_size
-    torch.distributed.all_gather_object(states, state)
-    return states
+        return [value]
+    values: list[Any] = [None] * context.world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _all_rng_states(context: DistributedContext) -> list[dict[str, Any]]:
+    return _gather_objects(get_rng_state(), context)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -393,6 +438,7 @@ def fit(
     context: DistributedContext | None = None,
     resume: bool = False,
     mining_set: Dataset | None = None,
+    augmentation: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> FitResult:
     """Trains ``model`` with ``loss`` on ``train_set`` and evaluates on ``tasks``.
 
@@ -410,6 +456,11 @@ def fit(
         resume: continue from ``<output-dir>/last/`` exactly where it stopped.
         mining_set: ``(image, label)`` items aligned with ``train_set`` (usually its
             references with the evaluation transform) for embedding-neighbour mining.
+        augmentation: applied to every training batch ``(query, reference)``, e.g.
+            :class:`~gsra_salad.data.PairedBatchAugmentation` (its ``generator`` state, if it
+            has one, is checkpointed too). A ``train_set`` with a ``batches(sampler,
+            augmentation)`` method (:class:`~gsra_salad.data.PreloadedPairs`) serves its own
+            batches; any other goes through a DataLoader.
 
     Returns:
         :class:`FitResult` with the final metrics of every task.
@@ -482,6 +533,9 @@ def fit(
                 len(rng),
             )
         set_rng_state(rng[context.rank % len(rng)])
+        generator = _augmentation_generator(augmentation)
+        if generator is not None and saved.get("augmentation_rng") is not None:
+            generator.set_state(saved["augmentation_rng"][context.rank % len(rng)])
         logger.info(
             "resumed from %s at epoch %d (step %d)", output / "last", state.next_epoch, state.step
         )
@@ -490,15 +544,7 @@ def fit(
     evaluated_at = -1
     for epoch in range(state.next_epoch, config.epochs):
         sampler.set_epoch(epoch)
-        loader = DataLoader(
-            train_set,
-            batch_sampler=sampler,
-            num_workers=config.workers,
-            pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(
-                config.seed * 1_000_003 + epoch * 1_009 + context.rank
-            ),
-        )
+        loader = _epoch_batches(train_set, sampler, augmentation, config, epoch, context)
         stats = train_one_epoch(
             module, loader, optimizer, scheduler, scaler, config, state, context, epoch=epoch
         )
@@ -517,6 +563,10 @@ def fit(
         state.history.append(record)
         logger.info("%s", _summary(record))
         rng_states = _all_rng_states(context)
+        generator = _augmentation_generator(augmentation)
+        augmentation_rng = None
+        if generator is not None:
+            augmentation_rng = _gather_objects(generator.get_state(), context)
         if output is not None and context.is_main:
             output.mkdir(parents=True, exist_ok=True)
             with (output / "metrics.jsonl").open("a") as f:
@@ -531,6 +581,7 @@ def fit(
                 "loss": loss.state_dict(),
                 "sampler": _sampler_state(sampler),
                 "rng": rng_states,
+                "augmentation_rng": augmentation_rng,
             }
             ckpt.save_checkpoint(output / "last", _unwrap(model), training_state)
             if improved:
