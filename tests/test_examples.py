@@ -157,6 +157,15 @@ def test_two_process_torchrun_on_cpu(tmp_path):
     assert len(lines) == 1, result.stdout  # only rank 0 prints
     assert lines[0]["world_size"] == 2 and lines[0]["queries"] == 16
     assert (tmp_path / "ddp" / "last" / "config.json").is_file()
+    # the sharded evaluation (2 ranks) agrees with a single-process one of the same weights
+    single = _run(
+        "train_cvusa.py", "--demo", *TINY, "--eval-only", "--checkpoint",
+        str(tmp_path / "ddp" / "last"), "--output-dir", str(tmp_path / "eval"),
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    (line,) = _json_lines(single.stdout)
+    keep = ("queries", "references", "R@1", "R@5", "R@10")
+    assert {k: line[k] for k in keep} == {k: lines[0][k] for k in keep}
 
 
 def test_wrong_data_root_is_a_one_line_error(tmp_path):
