@@ -315,6 +315,8 @@ def test_fit_resume_in_process_matches_uninterrupted(tmp_path, monkeypatch, sour
         run(tmp_path / "b")
     monkeypatch.setattr(loop, "train_one_epoch", real)
     assert load_training_state(tmp_path / "b" / "last")["state"]["next_epoch"] == 2
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 3, "stale": true}\n')  # as if killed after writing this line
     torch.manual_seed(12345)  # a different global RNG state: resume restores the saved one
     resumed, resumed_loss = run(tmp_path / "b", resume=True)
     for key, value in full.state_dict().items():
@@ -322,6 +324,7 @@ def test_fit_resume_in_process_matches_uninterrupted(tmp_path, monkeypatch, sour
     assert torch.equal(full_loss.logit_scale, resumed_loss.logit_scale)
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+    assert "stale" not in lines[-1]
 
 
 def test_fit_bf16_autocast_on_cpu_with_gsra(tmp_path):

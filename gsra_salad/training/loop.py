@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -424,6 +425,12 @@ def _all_rng_states(context: DistributedContext) -> list[dict[str, Any]]:
     return _gather_objects(get_rng_state(), context)
 
 
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+    os.replace(tmp, path)
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if hasattr(module, "module") else module
 
@@ -536,6 +543,8 @@ def fit(
         generator = _augmentation_generator(augmentation)
         if generator is not None and saved.get("augmentation_rng") is not None:
             generator.set_state(saved["augmentation_rng"][context.rank % len(rng)])
+        if context.is_main:  # drop lines of epochs after the checkpoint (a kill in between)
+            _write_metrics(output / "metrics.jsonl", state.history)
         logger.info(
             "resumed from %s at epoch %d (step %d)", output / "last", state.next_epoch, state.step
         )
