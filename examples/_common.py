@@ -42,12 +42,14 @@ Size = tuple[int, int]
 @dataclass
 class Data:
     """What a recipe's ``load`` returns: the training pairs (``None`` for --eval-only), the
-    images to embed for hard-negative mining, the evaluation tasks and the split's name."""
+    images to embed for hard-negative mining, the evaluation tasks, the split's name and the
+    augmentation applied to whole training batches (if any)."""
 
     train: Any
     mining: Any
     tasks: list[RetrievalTask]
     split: str
+    augmentation: Any = None
 
 
 @dataclass
@@ -218,10 +220,13 @@ def histogram_baseline(task: RetrievalTask, protocol: str) -> float:
     """R@1 of colour histograms on the raw images of a task (what appearance alone gives)."""
 
     def descriptors(dataset):
-        images = [dataset[i][0] for i in range(len(dataset))]
-        labels = [dataset[i][1] for i in range(len(dataset))]
-        raw = torch.stack([_raw(image) for image in images])
-        return synthetic.colour_histogram_descriptors(raw).float(), torch.tensor(labels)
+        if isinstance(getattr(dataset, "images", None), torch.Tensor):  # in memory, uint8
+            raw, labels = dataset.images, torch.as_tensor(dataset.labels)
+        else:
+            items = [dataset[i] for i in range(len(dataset))]
+            raw = torch.stack([_raw(image) for image, _ in items])
+            labels = torch.tensor([label for _, label in items])
+        return synthetic.colour_histogram_descriptors(raw).float(), labels
 
     q, ql = descriptors(task.queries)
     r, rl = descriptors(task.references)
@@ -312,6 +317,7 @@ def run(args: argparse.Namespace, recipe: Recipe) -> list[dict[str, Any]]:
                 result = fit(
                     model, loss, data.train, data.tasks, config,
                     context=context, resume=args.resume, mining_set=data.mining,
+                    augmentation=data.augmentation,
                 )  # fmt: skip
                 metrics = result.metrics
             baseline = {}
