@@ -374,3 +374,13 @@ def test_embedding_mining_rebuilds_batches_from_neighbours(tmp_path):
     )  # fmt: skip
     sampler = load_training_state(tmp_path / "last")["sampler"]
     assert sampler["neighbours"] is not None and sampler["neighbours"].shape == (24, 5)
+
+
+def test_a_diverging_loss_stops_with_a_clear_error(tmp_path):
+    class Exploding(nn.Module):
+        def forward(self, q, r, *, labels=None):
+            return (q * r).sum() * float("nan")
+
+    pairs = _Pairs(16)
+    with pytest.raises(FloatingPointError, match="learning rate"):
+        fit(_model(), Exploding(), pairs, _task(pairs), _config(tmp_path, epochs=1))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -229,21 +230,18 @@ def train_one_epoch(
     device = context.device
     precision = resolve_precision(config.precision, device)
     module.train()
-    total_loss, batches, images = 0.0, 0, 0
+    batches, images = 0, 0
     start = time.perf_counter()
     bar = _progress(loader, len(loader), config.progress and context.is_main, f"epoch {epoch + 1}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    total = torch.zeros((), device=device)  # summed on the device: no sync every step
+    check_every = 1 if device.type == "cpu" else _CHECK_EVERY  # a sync is free on CPU
     for query, reference, labels in bar:
         query = query.to(device, non_blocking=True)
         reference = reference.to(device, non_blocking=True)
         labels = torch.as_tensor(labels).to(device, non_blocking=True)
         with autocast(device, precision):
             loss = module(query, reference, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {state.step} (epoch {epoch}); lower the lr or "
-                "use precision 'bf16'/'fp32'"
-            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if config.clip_value is not None or config.clip_norm is not None:
@@ -253,23 +251,36 @@ def train_one_epoch(
         scaler.update()
         scheduler.step()
         state.step += 1
-        total_loss += loss.item()
+        total += loss.detach()
         batches += 1
         images += query.shape[0] + reference.shape[0]
-        if bar is not loader:
-            rate = images * context.world_size / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(
-                loss=f"{total_loss / batches:.4f}",
-                lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                img_s=f"{rate:.0f}",
-            )
+        if batches % check_every == 0 or batches == len(loader):
+            mean = total.item() / batches  # one sync every few steps
+            _check_finite(mean, state.step, epoch)
+            if bar is not loader:
+                rate = images * context.world_size / max(time.perf_counter() - start, 1e-9)
+                lr = scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
     seconds = time.perf_counter() - start
+    mean = total.item() / max(batches, 1)
+    _check_finite(mean, state.step, epoch)
     return {
-        "loss": total_loss / max(batches, 1),
+        "loss": mean,
         "lr": scheduler.get_last_lr()[0],
         "images_per_s": images * context.world_size / max(seconds, 1e-9),
         "seconds": seconds,
     }
+
+
+_CHECK_EVERY = 10
+
+
+def _check_finite(mean_loss: float, step: int, epoch: int) -> None:
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(
+            f"the training loss became {mean_loss} by step {step} (epoch {epoch + 1}); lower "
+            "the learning rate, or train in 'bf16'/'fp32' instead of 'fp16'"
+        )
 
 
 @torch.no_grad()
