@@ -384,3 +384,25 @@ def test_a_diverging_loss_stops_with_a_clear_error(tmp_path):
     pairs = _Pairs(16)
     with pytest.raises(FloatingPointError, match="learning rate"):
         fit(_model(), Exploding(), pairs, _task(pairs), _config(tmp_path, epochs=1))
+
+
+def test_nothing_below_training_imports_it():
+    """Layering: training sits on top; ops, layers, models, data, losses, evaluation never
+    import it."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "gsra_salad"
+    for path in package.rglob("*.py"):
+        if "training" in path.relative_to(package).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            assert not any(n.split(".")[-1] == "training" or ".training" in n for n in names), (
+                path,
+                names,
+            )
