@@ -25,7 +25,6 @@ from gsra_salad.training import (
     checkpoint,
     clip_gradients,
     fit,
-    gather_rows,
     get_rng_state,
     grad_scaler,
     load_training_state,
@@ -34,7 +33,6 @@ from gsra_salad.training import (
     save_checkpoint,
     seed_everything,
     set_rng_state,
-    shard_range,
 )
 
 # -- schedules, optimizer, clipping ----------------------------------------------------------
@@ -188,18 +186,6 @@ def test_a_kill_between_the_two_renames_is_recovered(tmp_path, monkeypatch):
 def test_resume_without_checkpoint_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"training_state\.pt"):
         load_training_state(tmp_path / "last")
-
-
-# -- distributed helpers (single process) ----------------------------------------------------
-
-
-def test_shards_cover_the_range_once():
-    for n in (0, 1, 5, 16, 17):
-        for world in (1, 2, 3, 4):
-            shards = [list(shard_range(n, r, world)) for r in range(world)]
-            assert [i for shard in shards for i in shard] == list(range(n))
-    x = torch.arange(6.0).view(3, 2)
-    assert gather_rows(x, 3) is x
 
 
 # -- fit ---------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ checkpoints that resume exactly, and DistributedDataParallel through ``torchrun`
 
 Read it in this order: :mod:`.precision` (autocast and the scaler), :mod:`.optim` (optimizer,
 schedules, clipping), :mod:`.state` (TrainState, seeds, RNG states), :mod:`.checkpoint`
-(atomic ``last/`` and ``best/``), :mod:`.distributed` (process group, gathers, shards) and
+(atomic ``last/`` and ``best/``), :mod:`.distributed` (the process group) and
 :mod:`.loop` (:func:`fit`). Library code logs (``logging.getLogger("gsra_salad.training")``);
 it never prints.
 
@@ -42,10 +42,8 @@ from .distributed import (
     DistributedContext,
     barrier,
     cleanup_distributed,
-    gather_rows,
     get_context,
     init_distributed,
-    shard_range,
 )
 from .loop import (
     ContrastivePair,
@@ -58,10 +56,11 @@ from .loop import (
     train_one_epoch,
 )
 from .optim import WarmupSchedule, build_optimizer, build_scheduler, clip_gradients
-from .precision import autocast, grad_scaler, resolve_precision
+from .precision import AUTOCAST_DTYPES, autocast, grad_scaler, resolve_precision
 from .state import TrainState, get_rng_state, seed_everything, set_rng_state
 
 __all__ = [
+    "AUTOCAST_DTYPES",
     "STATE_DICT_FILE",
     "TRAINING_STATE_FILE",
     "ContrastivePair",
@@ -80,7 +79,6 @@ __all__ = [
     "clip_gradients",
     "evaluate",
     "fit",
-    "gather_rows",
     "get_context",
     "get_rng_state",
     "grad_scaler",
@@ -92,6 +90,5 @@ __all__ = [
     "save_checkpoint",
     "seed_everything",
     "set_rng_state",
-    "shard_range",
     "train_one_epoch",
 ]

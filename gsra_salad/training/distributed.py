@@ -1,4 +1,4 @@
-"""torch.distributed plumbing: process group from ``torchrun``'s environment, gathers, shards.
+"""torch.distributed plumbing: the process group from ``torchrun``'s environment.
 
 ``torchrun --nproc_per_node N script.py ...`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed` reads them and picks the backend
@@ -13,16 +13,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 __all__ = [
     "DistributedContext",
     "barrier",
     "cleanup_distributed",
-    "gather_rows",
     "get_context",
     "init_distributed",
-    "shard_range",
 ]
 
 logger = logging.getLogger(__name__)
@@ -122,40 +119,3 @@ def barrier() -> None:
     """Waits for every process (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def shard_range(n: int, rank: int, world_size: int) -> range:
-    """The contiguous slice of ``range(n)`` that ``rank`` handles (sizes differ by at most 1
-    item per rank... and the last ranks may be shorter).
-
-    Example:
-        >>> [list(shard_range(5, r, 2)) for r in range(2)]
-        [[0, 1, 2], [3, 4]]
-    """
-    per = -(-n // world_size)
-    return range(min(n, rank * per), min(n, (rank + 1) * per))
-
-
-def gather_rows(local: Tensor, total: int) -> Tensor:
-    """Concatenates every rank's rows (rank order), the shards of :func:`shard_range`.
-
-    Args:
-        local: (n_rank, ...) this rank's rows.
-        total: the number of rows over all ranks.
-
-    Returns:
-        (total, ...) on ``local``'s device; ``local`` itself in a single process.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    world_size = dist.get_world_size()
-    per = -(-total // world_size)
-    device = local.device
-    if dist.get_backend() == "nccl":
-        local = local.cuda()
-    padded = local.new_zeros((per, *local.shape[1:]))
-    padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded)
-    rows = [part[: len(shard_range(total, r, world_size))] for r, part in enumerate(parts)]
-    return torch.cat(rows).to(device)

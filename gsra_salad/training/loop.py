@@ -10,6 +10,7 @@ writes ``<output-dir>/last/`` (and ``best/`` on a better R@1).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -23,15 +24,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from ..data import NeighbourBatchSampler, UniqueLabelBatchSampler
 from ..data._base import load_rgb
 from ..evaluation import embed, evaluate_retrieval
 from . import checkpoint as ckpt
-from .distributed import DistributedContext, barrier, gather_rows, get_context, shard_range
+from .distributed import DistributedContext, barrier, get_context
 from .optim import build_optimizer, build_scheduler, clip_gradients
-from .precision import autocast, grad_scaler, resolve_precision
+from .precision import AUTOCAST_DTYPES, autocast, grad_scaler, resolve_precision
 from .state import TrainState, get_rng_state, set_rng_state
 
 __all__ = [
@@ -283,38 +284,26 @@ def _check_finite(mean_loss: float, step: int, epoch: int) -> None:
         )
 
 
-@torch.no_grad()
-def _embed_sharded(
+def _embed(
     model: nn.Module,
     dataset: Dataset,
     view: str,
     config: TrainConfig,
     context: DistributedContext,
 ) -> tuple[Tensor, Tensor]:
-    """Every rank embeds its shard of ``dataset``; all ranks get all (N, D) descriptors."""
-    n = len(dataset)  # type: ignore[arg-type]
-    shard = Subset(dataset, list(shard_range(n, context.rank, context.world_size)))
-    loader = DataLoader(
-        shard,
-        batch_size=config.eval_batch_size,
-        num_workers=config.workers,
-        pin_memory=context.device.type == "cuda",
-    )
+    """(N, D) descriptors (CPU) and (N,) labels of ``dataset`` through ``model.embed(view=)``;
+    under a process group every rank embeds its share and gets all of them, in order."""
     precision = resolve_precision(config.precision, context.device)
-
-    def describe(images: Tensor) -> Tensor:
-        with autocast(context.device, precision):
-            return model.embed(images, view).float()
-
     descriptors, labels = embed(
-        describe,
-        loader,
+        functools.partial(model.embed, view=view),
+        dataset,
+        batch_size=config.eval_batch_size,
         device=context.device,
+        amp=None if precision == "fp32" else AUTOCAST_DTYPES[precision],
         progress=config.progress and context.is_main,
+        num_workers=config.workers,
     )
-    descriptors = gather_rows(descriptors.to(context.device), n).cpu()
-    labels = gather_rows(torch.as_tensor(labels).to(context.device), n).cpu()
-    return descriptors, labels
+    return descriptors.cpu(), labels.cpu()
 
 
 def evaluate(
@@ -323,7 +312,7 @@ def evaluate(
     config: TrainConfig,
     context: DistributedContext | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Recall@k (and AP) of every task; each rank embeds a shard, every rank gets the result.
+    """Recall@k (and AP) of every task; each rank embeds a share, every rank gets the result.
 
     Returns:
         ``{task.name: {"R@1", "R@5", "R@10", "R@1%", ["AP"], "queries", "references"}}``.
@@ -334,8 +323,8 @@ def evaluate(
     results = {}
     try:
         for task in tasks:
-            q, ql = _embed_sharded(model, task.queries, task.query_view, config, context)
-            r, rl = _embed_sharded(model, task.references, task.reference_view, config, context)
+            q, ql = _embed(model, task.queries, task.query_view, config, context)
+            r, rl = _embed(model, task.references, task.reference_view, config, context)
             metrics = evaluate_retrieval(q, r, ql, rl, protocol=task.protocol)
             results[task.name] = {
                 **{k: float(v) for k, v in metrics.items()},
@@ -613,7 +602,7 @@ def fit(
 
 
 def _refresh_neighbours(model, mining_set, labels, config, context, per_rank):
-    descriptors, _ = _embed_sharded(model, mining_set, "reference", config, context)
+    descriptors, _ = _embed(model, mining_set, "reference", config, context)
     k = min(config.mining_neighbours, len(descriptors) - 1)
     sampler = NeighbourBatchSampler.from_embeddings(
         labels,

@@ -13,11 +13,18 @@ from typing import Literal
 
 import torch
 
-__all__ = ["PRECISIONS", "Precision", "autocast", "grad_scaler", "resolve_precision"]
+__all__ = [
+    "AUTOCAST_DTYPES",
+    "PRECISIONS",
+    "Precision",
+    "autocast",
+    "grad_scaler",
+    "resolve_precision",
+]
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> dtype
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
@@ -52,7 +59,7 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
     precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_DTYPES[precision])
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradScaler:
