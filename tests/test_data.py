@@ -234,6 +234,30 @@ def test_transforms_resize_and_normalise():
         train_transform("street", 24)
 
 
+def test_transforms_reject_pixels_in_the_wrong_range():
+    pytest.importorskip("torchvision")
+    import pickle
+
+    from gsra_salad.data import eval_transform, train_transform
+
+    image = torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8)
+    # a float image in [0, 1] is the same picture as its uint8 original (no resampling here)
+    torch.testing.assert_close(
+        eval_transform(20)(image.float() / 255), eval_transform(20)(image), atol=1e-5, rtol=0
+    )
+    for transform in (eval_transform(16), train_transform("drone", 16)):
+        with pytest.raises(ValueError, match=r"float images in \[0, 1\].*up to 255.*divide by 255"):
+            transform(image.float())  # [0, 255] floats: would come out near 1000
+        normalised = eval_transform(20)(image)
+        with pytest.raises(ValueError, match="looks normalised already"):
+            transform(normalised)
+        with pytest.raises(ValueError, match=r"uint8 image .* got dtype torch\.int64"):
+            transform(image.long())
+        with pytest.raises(ValueError, match="NaN"):
+            transform(torch.full((3, 20, 20), float("nan")))
+        assert pickle.loads(pickle.dumps(transform))(image).shape == (3, 16, 16)  # workers
+
+
 def test_haversine_and_neighbours():
     assert math.isclose(
         float(haversine_m(np.array([0.0, 0.0]), np.array([1.0, 0.0]))), 111_195, rel_tol=1e-4
