@@ -2,6 +2,8 @@
 
 import csv
 import math
+import re
+import shutil
 import warnings
 
 import numpy as np
@@ -135,6 +137,65 @@ def test_university1652_train_pairs_and_eval_sets(u1652_root):
         University1652(u1652_root, "test", view="drone")
     with pytest.raises(FileNotFoundError, match=r"train/street not found"):
         University1652(u1652_root, "train", query_view="street")
+
+
+def test_undecodable_image_errors_name_the_file(tmp_path, cvusa_root):
+    root = shutil.copytree(cvusa_root, tmp_path / "cvusa")
+    val = CVUSA(root, "val")
+    path = val.reference_paths[0]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a truncated JPEG
+    with pytest.raises(OSError, match=rf"could not read image {re.escape(str(path))}: .*truncated"):
+        val[0]
+    path.write_bytes(b"not an image")
+    with pytest.raises(OSError, match=re.escape(str(path))):
+        val[0]
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
+        val[0]
+
+
+def test_cvusa_rejects_an_empty_split_file(tmp_path, cvusa_root):
+    root = shutil.copytree(cvusa_root, tmp_path / "cvusa")
+    (root / "splits" / "train-19zl.csv").write_text("")
+    with pytest.raises(ValueError, match=r"train-19zl\.csv lists no image pairs"):
+        CVUSA(root, "train")
+    (root / "splits" / "train-19zl.csv").write_text("\n\n")  # blank lines only
+    with pytest.raises(ValueError, match="lists no image pairs"):
+        CVUSA(root, "train")
+
+
+def test_university1652_counts_and_warns_about_skipped_buildings(tmp_path, u1652_root):
+    root = shutil.copytree(u1652_root, tmp_path / "u1652")
+    drone = root / "train" / "drone"
+    shutil.copytree(drone / "0000", drone / "0777")  # a building without a satellite image
+    shutil.copytree(drone / "0000", drone / "old_copy")  # a folder whose name is no id
+    (root / "train" / "satellite" / "old_copy").mkdir()
+    shutil.copytree(root / "test" / "query_drone" / "0006", root / "test" / "query_drone" / "x")
+    with pytest.warns(UserWarning, match=r"skipped 2 building folder\(s\) under .*train/drone"):
+        train = University1652(root, "train")
+    assert sorted(train.skipped) == ["0777", "old_copy"] and len(train) == 6 * 3
+    assert 777 not in set(train.labels)
+    with pytest.warns(UserWarning, match=r"skipped 1 building folder\(s\) under .*query_drone"):
+        query = University1652(root, "test", view="query_drone")
+    assert query.skipped == ["x"] and len(query) == 5 * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert University1652(u1652_root, "train").skipped == []
+
+
+def test_university1652_rejects_arguments_of_the_other_split(u1652_root):
+    with pytest.raises(ValueError, match=r"view \(given\) belong\(s\) to split='test'"):
+        University1652(u1652_root, "train", view="query_drone")
+    with pytest.raises(ValueError, match=r"transform \(given\).*takes query_view"):
+        University1652(u1652_root, "train", transform=lambda x: x)
+    with pytest.raises(ValueError, match=r"query_view, pair_transform \(given\).*'train'"):
+        University1652(
+            u1652_root, "test", view="query_drone", query_view="drone", pair_transform=lambda *x: x
+        )
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        University1652(u1652_root, "val")
+    assert University1652(u1652_root, "train", query_view="drone").query_view == "drone"
 
 
 def test_colour_histograms_cannot_solve_the_synthetic_task(tmp_path):
