@@ -394,20 +394,136 @@ def test_neighbour_sampler_builds_batches_from_neighbours(tmp_path):
     spread = [np.ptp(positions[b], axis=0).max() for b in batches if len(b) == 8]
     assert np.median(spread) < 100  # batches are geographic neighbourhoods, not the whole map
     assert all(len(set(labels[b])) == len(b) for b in batches)
-    cache = tmp_path / "neighbours.npy"
-    first = NeighbourBatchSampler.from_positions(
-        labels, positions, 8, metric="euclidean", k=5, cache=cache
-    )
-    assert cache.is_file()
-    np.save(cache, np.zeros((80, 5), dtype=np.int64))  # a cached file is read, not recomputed
-    cached = NeighbourBatchSampler.from_positions(
-        labels, positions, 8, metric="euclidean", k=5, cache=cache
-    )
-    assert (cached.neighbours == 0).all() and not (first.neighbours == 0).all()
     emb = NeighbourBatchSampler.from_embeddings(labels, positions / 1000, batch_size=8, k=4)
     assert all(len(b) == 8 for b in emb)
     emb.update_embeddings(np.random.default_rng(1).normal(size=(80, 16)))
     assert emb.neighbours.shape == (80, 4)
+
+
+def test_neighbour_cache_is_keyed_on_positions_metric_and_k(tmp_path, monkeypatch):
+    from gsra_salad.data import samplers
+
+    rng = np.random.default_rng(0)
+    positions = rng.uniform(0, 1000, (40, 2))
+    labels = np.arange(40)
+    cache = tmp_path / "cache" / "neighbours.npy"
+
+    def build(points, metric="euclidean", k=5):
+        return NeighbourBatchSampler.from_positions(
+            labels, points, 8, metric=metric, k=k, cache=cache
+        ).neighbours
+
+    first = build(positions)
+    assert cache.is_file()
+    computed = []
+    real = samplers.nearest_neighbours
+    monkeypatch.setattr(
+        samplers, "nearest_neighbours", lambda *a: computed.append(a[1:]) or real(*a)
+    )
+    assert (build(positions) == first).all() and computed == []  # read back, not recomputed
+    moved = positions.copy()
+    moved[[0, 1]] = moved[[1, 0]]  # same N, other content: a stale cache would pass for it
+    assert (build(moved) == nearest_neighbours(moved, 5, "euclidean")).all()
+    assert not (build(moved) == first).all() and computed == [(5, "euclidean")]
+    lat_lon = positions / 1000
+    assert (build(lat_lon, "haversine") == nearest_neighbours(lat_lon, 5, "haversine")).all()
+    assert build(lat_lon, "euclidean").tolist() == nearest_neighbours(lat_lon, 5).tolist()
+    assert build(lat_lon, "euclidean", k=3).shape == (40, 3)
+    assert computed[1:] == [(5, "haversine"), (5, "euclidean"), (3, "euclidean")]
+    np.save(cache.with_suffix(".npy"), np.zeros((40, 5), dtype=np.int64))  # a keyless file
+    assert (build(moved) == nearest_neighbours(moved, 5, "euclidean")).all()
+
+
+def test_neighbour_sampler_rejects_nan_positions_naming_the_rows():
+    positions = np.random.default_rng(0).uniform(0, 1000, (20, 2))
+    positions[[3, 7], 1] = np.nan
+    positions[11, 0] = np.inf
+    with pytest.raises(
+        ValueError, match=r"positions holds NaN or infinite values in 3 of 20 rows "
+    ):
+        NeighbourBatchSampler.from_positions(range(20), positions, 4, metric="euclidean")
+    with pytest.raises(ValueError, match=r"indices \[3, 7, 11\]"):
+        NeighbourBatchSampler.from_positions(range(20), positions, 4, metric="euclidean")
+    with pytest.raises(ValueError, match=r"points holds NaN .*indices \[3, 7, 11\]"):
+        nearest_neighbours(positions, 2)
+    with pytest.raises(ValueError, match=r"one row per label"):
+        NeighbourBatchSampler.from_positions(range(19), np.zeros((20, 2)), 4, metric="euclidean")
+
+
+def _skewed_labels():
+    # 58 samples, 12 labels, one with 12 samples: packings of 8 distinct labels vary by epoch
+    return np.repeat(np.arange(12), [12, 10, 9, 6, 5, 4, 3, 3, 2, 2, 1, 1])
+
+
+def _samplers(labels, **kwargs):
+    embeddings = np.random.default_rng(0).normal(size=(len(labels), 4))
+    yield UniqueLabelBatchSampler(labels, 8, **kwargs)
+    yield NeighbourBatchSampler.from_embeddings(labels, embeddings, 8, k=4, **kwargs)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_samplers_yield_the_same_number_of_batches_every_epoch(drop_last):
+    labels = _skewed_labels()
+    for sampler in _samplers(labels, drop_last=drop_last, seed=3):
+        expected = 58 // 8 if drop_last else 12  # N // batch, or the most frequent label's 12
+        assert len(sampler) == sampler.num_batches == expected
+        loader = torch.utils.data.DataLoader(range(58), batch_sampler=sampler)
+        seen_orders = set()
+        for epoch in range(8):
+            sampler.set_epoch(epoch)
+            assert len(loader) == expected  # an LR schedule sized from len(loader) holds
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                batches = list(sampler)
+            assert len(batches) == expected
+            assert all(len(set(labels[b])) == len(b) for b in batches)
+            flat = [i for b in batches for i in b]
+            if drop_last:  # full batches; missing ones re-drawn from a fresh shuffle
+                assert all(len(b) == 8 for b in batches)
+            else:  # every sample exactly once
+                assert sorted(flat) == list(range(58))
+            seen_orders.add(tuple(flat))
+        assert len(seen_orders) == 8
+
+
+def test_samplers_pack_each_epoch_once_and_honour_num_batches():
+    labels = _labels()
+    sampler = UniqueLabelBatchSampler(labels, 8, seed=1)
+    first = list(sampler)
+    calls = []
+    real = sampler._pack
+    sampler._pack = lambda order: calls.append(1) or real(order)
+    assert len(sampler) == len(first) and list(sampler) == first and calls == []  # cached
+    sampler.set_epoch(1)
+    assert len(sampler) == len(first) and calls == []  # len() never packs
+    assert list(sampler) != first and calls == [1]
+    more = UniqueLabelBatchSampler(labels, 8, seed=1, num_batches=3 * len(first))
+    batches = list(more)
+    assert len(batches) == len(more) == 3 * len(first)
+    assert all(len(b) == 8 and len(set(labels[b])) == 8 for b in batches)
+    assert len(list(UniqueLabelBatchSampler(labels, 8, num_batches=2))) == 2
+    with pytest.raises(ValueError, match="num_batches must be >= 1"):
+        UniqueLabelBatchSampler(labels, 8, num_batches=0)
+    with pytest.raises(TypeError, match="num_batches must be an int"):
+        UniqueLabelBatchSampler(labels, 8, num_batches=2.5)
+    with pytest.warns(UserWarning, match=r"left out of this epoch; raise num_batches"):
+        list(UniqueLabelBatchSampler(_skewed_labels(), 8, drop_last=False, num_batches=8))
+
+
+def test_distributed_split_keeps_a_fixed_length_and_disjoint_slices():
+    labels = _skewed_labels()
+    for drop_last in (True, False):
+        ranks = [
+            UniqueLabelBatchSampler(labels, 2, num_replicas=2, rank=r, drop_last=drop_last)
+            for r in range(2)
+        ]
+        for epoch in range(3):
+            for sampler in ranks:
+                sampler.set_epoch(epoch)
+            per_rank = [list(s) for s in ranks]
+            assert len(per_rank[0]) == len(per_rank[1]) == len(ranks[0])
+            for a, b in zip(*per_rank):
+                assert not set(labels[a]) & set(labels[b])
 
 
 def test_sampler_errors():
