@@ -50,6 +50,20 @@ def _label(folder: Path) -> int | None:
     return int(folder.name) if folder.name.isdigit() else None
 
 
+def _check_arguments(split: str, **given) -> None:
+    """Rejects arguments given (not None) that belong to the other split."""
+    allowed = _TRAIN_ARGS if split == "train" else _TEST_ARGS
+    misplaced = [name for name, value in given.items() if value is not None and name not in allowed]
+    if misplaced:
+        other = "test" if split == "train" else "train"
+        raise ValueError(
+            f"University-1652: {', '.join(misplaced)} (given) belong(s) to split={other!r}; "
+            f"split={split!r} takes {', '.join(allowed)}. A training set is "
+            "University1652(root, 'train', query_view=...), an evaluation set "
+            "University1652(root, 'test', view=...)"
+        )
+
+
 class University1652(Dataset):
     """University-1652 readers: training pairs, or one evaluation set.
 
@@ -97,26 +111,15 @@ class University1652(Dataset):
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"University-1652: split must be 'train' or 'test', got {split!r}")
-        given = {
-            "query_view": query_view,
-            "view": view,
-            "query_transform": query_transform,
-            "reference_transform": reference_transform,
-            "pair_transform": pair_transform,
-            "transform": transform,
-        }
-        allowed = _TRAIN_ARGS if split == "train" else _TEST_ARGS
-        misplaced = [
-            name for name, value in given.items() if value is not None and name not in allowed
-        ]
-        if misplaced:
-            other = "test" if split == "train" else "train"
-            raise ValueError(
-                f"University-1652: {', '.join(misplaced)} (given) belong(s) to split={other!r}; "
-                f"split={split!r} takes {', '.join(allowed)}. A training set "
-                "is University1652(root, 'train', query_view=...), an evaluation set "
-                "University1652(root, 'test', view=...)"
-            )
+        _check_arguments(
+            split,
+            query_view=query_view,
+            view=view,
+            query_transform=query_transform,
+            reference_transform=reference_transform,
+            pair_transform=pair_transform,
+            transform=transform,
+        )
         self.root = check_dir(Path(root), "University-1652", LAYOUT)
         self.split = split
         self.positions = None
