@@ -64,7 +64,9 @@ class UniqueLabelBatchSampler(Sampler[list[int]]):
     Args:
         labels: (N,) location id of every sample (e.g. ``dataset.labels``).
         batch_size: samples per batch on each rank.
-        num_batches: global batches per epoch (see above), the same in every epoch.
+        num_batches: global batches per epoch (see above), the same in every epoch. Batches
+            beyond what one pass over the samples fills are re-drawn from fresh shuffles (in
+            both modes; samples then repeat within the epoch).
         seed: base seed; the epoch's permutation uses ``seed + epoch``.
         drop_last: keep only full global batches. Keep it true in distributed training: the
             incomplete batches are split over the ranks as evenly as possible, which can leave a
