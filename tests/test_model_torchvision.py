@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from conftest import SavedBytes
 from torch import nn
 
 from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention
 from gsra_salad.models import ConvNeXtTrunk
+from tests._helpers import SavedBytes
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -25,10 +25,19 @@ def require(module: str, extra: str = "data"):
 
 
 def load_rgb(path: str | Path) -> Tensor:
-    """Decodes an image file with Pillow into an RGB uint8 tensor (3, H, W)."""
+    """Decodes an image file with Pillow into an RGB uint8 tensor (3, H, W).
+
+    Raises:
+        OSError: naming ``path`` when the file is missing, truncated or not an image (Pillow's
+            own messages do not name the file; its error is chained).
+    """
     image_module = require("PIL.Image")
-    with image_module.open(path) as image:
-        array = np.asarray(image.convert("RGB"))
+    try:
+        with image_module.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+    except OSError as err:  # incl. PIL.UnidentifiedImageError and "image file is truncated"
+        error = FileNotFoundError if isinstance(err, FileNotFoundError) else OSError
+        raise error(f"could not read image {path}: {err}") from err
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
