@@ -274,16 +274,26 @@ class _Jitter:
         return q + 0.1 * torch.rand(q.shape, generator=self.generator), r
 
 
-@pytest.mark.parametrize("source", ["dataloader", "batches"])
+class _RandomPairs(_Pairs):
+    """Random augmentation inside __getitem__: in DataLoader workers, it draws from the
+    workers' seeds."""
+
+    def __getitem__(self, i):
+        q, r, label = super().__getitem__(i)
+        return q + 0.1 * torch.rand(q.shape), r, label
+
+
+@pytest.mark.parametrize("source", ["dataloader", "batches", "workers"])
 def test_fit_resume_in_process_matches_uninterrupted(tmp_path, monkeypatch, source):
     from gsra_salad.training import loop
 
-    pairs = _Pairs(24) if source == "dataloader" else _InMemoryPairs(24)
+    pairs = {"dataloader": _Pairs, "batches": _InMemoryPairs, "workers": _RandomPairs}[source](24)
+    workers = 2 if source == "workers" else 0
 
     def run(directory, resume=False):
         seed_everything(1)
         model, loss = _model(), InfoNCELoss()
-        config = _config(directory, epochs=3, mining="gps", eval_every=2)
+        config = _config(directory, epochs=3, mining="gps", eval_every=2, workers=workers)
         fit(model, loss, pairs, _task(pairs), config, resume=resume, augmentation=_Jitter())
         return model, loss
 
