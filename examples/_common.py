@@ -8,6 +8,7 @@ Everything else lives in the library (:mod:`gsra_salad.training`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from gsra_salad.models import TinyCNN
 from gsra_salad.training import (
     RetrievalTask,
     TrainConfig,
+    barrier,
     cleanup_distributed,
     evaluate,
     fit,
@@ -255,8 +257,7 @@ def _demo_root(recipe: Recipe, locations: int, args, context, stack) -> Path:
 
 
 def run(args: argparse.Namespace, recipe: Recipe) -> list[dict[str, Any]]:
-    import contextlib
-
+    """One run: data, model, training (or evaluation only), the final JSON line(s)."""
     values = _resolve(args, recipe)
     context = init_distributed(args.device)
     log = print if context.is_main else (lambda *a, **k: None)
@@ -323,6 +324,7 @@ def run(args: argparse.Namespace, recipe: Recipe) -> list[dict[str, Any]]:
             baseline = {}
             if args.demo and context.is_main:
                 baseline = {t.name: histogram_baseline(t, t.protocol) for t in data.tasks}
+            barrier()  # nobody reads the demo folder any more: rank 0 may delete it
     finally:
         cleanup_distributed()
     lines = []
