@@ -124,9 +124,10 @@ def parser(recipe: Recipe) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16", "fp16"),
+        choices=("auto", "amp", "fp32", "bf16", "fp16"),
         default="auto",
-        help="auto (default): float16 autocast + GradScaler on CUDA, float32 on CPU",
+        help="auto (default): mixed precision as published (float16 autocast + GradScaler) on "
+        "CUDA, float32 on CPU; amp: float16 + GradScaler on CUDA, bfloat16 on CPU",
     )
     p.add_argument("--clip-value", type=float, default=100.0, help="default: 100 (both recipes)")
     p.add_argument(

@@ -100,6 +100,8 @@ def test_clip_by_value_and_by_norm():
 def test_precision_resolution_and_autocast():
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("auto", "cuda") == "fp16"
+    assert resolve_precision("amp", "cpu") == "bf16"
+    assert resolve_precision("amp", "cuda") == "fp16"
     with pytest.raises(ValueError, match="CUDA"):
         resolve_precision("fp16", "cpu")
     with pytest.raises(ValueError, match="precision must be"):

@@ -64,8 +64,9 @@ class TrainConfig:
         warmup_epochs: linear warmup length in epochs (may be fractional, 0 = none).
         clip_value: clip every gradient element to [-clip_value, clip_value] (``None``: off).
         clip_norm: clip the total gradient norm (``None``: off).
-        precision: ``"auto"`` (float16 + GradScaler on CUDA, float32 on CPU), ``"bf16"``,
-            ``"fp16"`` or ``"fp32"``.
+        precision: ``"auto"`` (float16 + GradScaler on CUDA, float32 on CPU), ``"amp"``
+            (float16 + GradScaler on CUDA, bfloat16 on CPU), ``"bf16"``, ``"fp16"`` or
+            ``"fp32"``.
         grad_checkpointing: recompute the backbone's activations in backward.
         eval_every: evaluate every this many epochs (and after the last).
         eval_batch_size: images per batch when embedding for evaluation.

@@ -1,8 +1,10 @@
 """Mixed precision: one place that turns a precision name into an autocast context and a scaler.
 
-``"auto"`` is float16 autocast with a :class:`torch.amp.GradScaler` on CUDA and float32 on CPU;
-``"bf16"`` is bfloat16 autocast (CPU or CUDA, no scaler needed); ``"fp16"`` needs CUDA;
-``"fp32"`` turns autocast off. Only ``torch.amp`` is used (never the deprecated
+``"amp"`` is mixed precision wherever the run goes: float16 autocast with a
+:class:`torch.amp.GradScaler` on CUDA, bfloat16 autocast on CPU. ``"auto"`` (the default) is
+``"amp"`` on CUDA and float32 on CPU (where bfloat16 is only faster on processors with native
+bfloat16 units). ``"bf16"`` is bfloat16 autocast (CPU or CUDA, no scaler needed); ``"fp16"``
+needs CUDA; ``"fp32"`` turns autocast off. Only ``torch.amp`` is used (never the deprecated
 ``torch.cuda.amp``).
 """
 
@@ -22,8 +24,8 @@ __all__ = [
     "resolve_precision",
 ]
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+Precision = Literal["auto", "amp", "fp32", "bf16", "fp16"]
+PRECISIONS = ("auto", "amp", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> dtype
 
 
@@ -31,14 +33,18 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     """The concrete precision (``"fp32"``, ``"bf16"`` or ``"fp16"``) for ``device``.
 
     Example:
-        >>> resolve_precision("auto", "cpu"), resolve_precision("bf16", "cpu")
+        >>> resolve_precision("auto", "cpu"), resolve_precision("amp", "cpu")
         ('fp32', 'bf16')
+        >>> resolve_precision("auto", "cuda"), resolve_precision("amp", "cuda")
+        ('fp16', 'fp16')
     """
     device = torch.device(device)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+    if precision in ("auto", "amp") and device.type == "cuda":
+        return "fp16"
+    if precision in ("auto", "amp"):
+        return "fp32" if precision == "auto" else "bf16"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError(
             f"precision 'fp16' needs a CUDA device (it trains with a GradScaler), got {device}; "
