@@ -199,9 +199,12 @@ def paper_model(args, query_size: Size, reference_size: Size) -> CrossViewGeoLoc
     if args.backbone_weights is not None and not args.backbone_weights.is_file():
         raise UsageError(f"--backbone-weights {args.backbone_weights}: no such file")
     kwargs = {} if query_size == reference_size else {"query_img_size": query_size}
-    return CrossViewGeoLocalizer.lrfr(
-        img_size=reference_size, pretrained_backbone=weights, **kwargs
-    )
+    try:
+        return CrossViewGeoLocalizer.lrfr(
+            img_size=reference_size, pretrained_backbone=weights, **kwargs
+        )
+    except RuntimeError as err:  # ImageNet weights neither cached nor downloadable
+        raise UsageError(f"{err} (or pass --backbone-weights PATH)") from err
 
 
 def load_checkpoint(path: Path, query_size: Size, reference_size: Size) -> CrossViewGeoLocalizer:
