@@ -389,6 +389,90 @@ def test_tampered_or_truncated_weights_give_clear_errors(tmp_path):
         CrossViewGeoLocalizer.from_pretrained(tmp_path / "nowhere")
 
 
+def test_from_pretrained_returns_the_model_in_eval_mode(tmp_path):
+    model = _randomise(_tiny_model())  # training mode: dropout and batch statistics
+    model.save_pretrained(tmp_path)
+    loaded = CrossViewGeoLocalizer.from_pretrained(tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), loaded(x))  # two calls, identical descriptors
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+def _rewrite_config(directory, change):
+    path = directory / "config.json"
+    payload = json.loads(path.read_text())
+    change(payload["model"])
+    path.write_text(json.dumps(payload))
+
+
+def test_incomplete_config_names_the_file_and_the_missing_key(tmp_path):
+    _tiny_model().save_pretrained(tmp_path)
+    _rewrite_config(tmp_path, lambda c: c.pop("backbone"))
+    with pytest.raises(
+        ValueError, match=r"config\.json: the model config has no 'backbone' entry"
+    ) as err:
+        CrossViewGeoLocalizer.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(err.value)
+    # the lrfr form written by 0.1.0.dev0, without its img_size
+    _rewrite_config(tmp_path, lambda c: (c.clear(), c.update(architecture="lrfr", options={})))
+    with pytest.raises(ValueError, match=r"config\.json: the model config has no 'img_size'"):
+        CrossViewGeoLocalizer.from_pretrained(tmp_path)
+    _rewrite_config(tmp_path, lambda c: c.update(architecture="resnet"))
+    with pytest.raises(ValueError, match="unknown architecture 'resnet'"):
+        CrossViewGeoLocalizer.from_pretrained(tmp_path)
+
+
+def test_configs_written_before_the_registry_still_load(tmp_path):
+    model = _randomise(_tiny_model()).eval()
+    model.save_pretrained(tmp_path)
+
+    def legacy(config):
+        config["backbone"] = {"type": "tiny", "out_channels": 32, "width": 16}
+        config["attention"] = {"type": "gsra", **model.attention.get_config()}
+        config["aggregation"] = {"type": "salad", **model.aggregation.get_config()}
+        del config["reference_attention"]
+
+    _rewrite_config(tmp_path, legacy)
+    loaded = CrossViewGeoLocalizer.from_pretrained(tmp_path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_state_dict_without_num_batches_tracked_loads_as_in_torch(tmp_path):
+    from gsra_salad.models import _serialization
+
+    model = _randomise(_tiny_model()).eval()
+    state = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
+    assert len(state) < len(model.state_dict())
+    fresh = _tiny_model()
+    fresh.load_state_dict(state)  # torch accepts it
+    other = _tiny_model()
+    _serialization.load_strict(other, state, source="test")
+    for key, value in model.state_dict().items():
+        if "num_batches_tracked" not in key:
+            assert torch.equal(other.state_dict()[key], value), key
+    del state["aggregation.dust_bin"]  # a really missing key is still reported
+    with pytest.raises(ValueError, match=r"missing \(1\): aggregation\.dust_bin"):
+        _serialization.load_strict(other, state, source="test")
+
+
+@pytest.mark.parametrize("key", ["model", "state_dict", "model_state_dict"])
+def test_checkpoints_nested_under_a_key_are_unwrapped(tmp_path, key):
+    from gsra_salad.models import _serialization
+
+    state = _tiny_model().state_dict()
+    path = tmp_path / "checkpoint.pt"
+    torch.save({key: state, "epoch": 3, "optimizer": {"lr": torch.tensor(1.0)}}, path)
+    got = _serialization.read_state_dict(path)
+    assert got.keys() == state.keys()
+    # published LRFR keys start with "model." but are not nested: left alone
+    flat = {"model.attention.gn.weight": torch.ones(2)}
+    assert _serialization.read_state_dict(flat) == flat
+
+
 def test_save_pretrained_refuses_modules_it_cannot_rebuild(tmp_path):
     model = CrossViewGeoLocalizer(nn.Conv2d(3, 8, 16, stride=16), None, SALAD(8, 4, 2, token_dim=0))
     with pytest.raises(ValueError, match="cannot describe the backbone"):
@@ -439,6 +523,17 @@ def test_bad_input():
     model = _tiny_model()
     with pytest.raises(ValueError, match=r"images must have shape \(B, 3, H, W\)"):
         model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, H, W\), got list"):
+        model.embed([torch.randn(3, 64, 64)])
+    uint8 = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)  # what the readers return
+    with pytest.raises(
+        TypeError,
+        match=r"(?s)images must be a floating-point tensor.*got dtype torch\.uint8.*"
+        r"gsra_salad\.data\.eval_transform",
+    ):
+        model.embed(uint8)
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.randn(2, 3, 64, 64), uint8)
     with pytest.raises(ValueError, match="built for feature maps of size"):
         model(torch.randn(1, 3, 96, 96))
     with pytest.raises(ValueError, match="view must be"):
