@@ -158,37 +158,25 @@ class CrossViewGeoLocalizer(nn.Module):
             cvusa = CrossViewGeoLocalizer.lrfr(img_size=384, query_img_size=(140, 768))
         """
         options = _lrfr_options(overrides)
-        reference_hw = _lrfr_feature_size("img_size", img_size, options["num_clusters"])
+        clusters = options["num_clusters"]
+        reference_hw = _lrfr_feature_size("img_size", img_size, clusters)
         query_hw = reference_hw
         if query_img_size is not None:
-            query_hw = _lrfr_feature_size("query_img_size", query_img_size, options["num_clusters"])
+            query_hw = _lrfr_feature_size("query_img_size", query_img_size, clusters)
         backbone = ConvNeXtTrunk(
             options["backbone_variant"],
             weights=pretrained_backbone or None,
             stochastic_depth_prob=options["stochastic_depth_prob"],
         )
         channels = backbone.out_channels
-
-        def gsra(hw: tuple[int, int]) -> GlobalSpatialRelationAttention:
-            return GlobalSpatialRelationAttention(
-                channels, hw, groups=options["groups"], impl=options["impl"]
-            )
-
-        aggregation = SALAD(
-            channels,
-            options["num_clusters"],
-            options["cluster_dim"],
-            token_dim=0,
-            dropout=options["dropout"],
-            sinkhorn_iters=options["sinkhorn_iters"],
-            impl=options["impl"],
-        )
         return cls(
             backbone,
-            gsra(query_hw),
-            aggregation,
+            _lrfr_gsra(channels, query_hw, options),
+            _lrfr_salad(channels, options),
             share_weights=options["share_weights"],
-            reference_attention=gsra(reference_hw) if reference_hw != query_hw else None,
+            reference_attention=(
+                _lrfr_gsra(channels, reference_hw, options) if reference_hw != query_hw else None
+            ),
         )
 
     @classmethod
@@ -475,3 +463,23 @@ def _lrfr_feature_size(
             "GSRA an even number; use an image of at least 192x192 pixels (e.g. 384)"
         )
     return h, w
+
+
+def _lrfr_gsra(
+    channels: int, hw: tuple[int, int], options: dict[str, Any]
+) -> GlobalSpatialRelationAttention:
+    return GlobalSpatialRelationAttention(
+        channels, hw, groups=options["groups"], impl=options["impl"]
+    )
+
+
+def _lrfr_salad(channels: int, options: dict[str, Any]) -> SALAD:
+    return SALAD(
+        channels,
+        options["num_clusters"],
+        options["cluster_dim"],
+        token_dim=0,
+        dropout=options["dropout"],
+        sinkhorn_iters=options["sinkhorn_iters"],
+        impl=options["impl"],
+    )
