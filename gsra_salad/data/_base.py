@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .._optional import require as _require
+
 Transform = Callable[[Tensor], Tensor]
 PairTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def require(module: str, extra: str = "data"):
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ImportError(
-            f"{module} is needed here but not installed: pip install 'gsra-salad[{extra}]'"
-        ) from err
+def require(module: str, extra: str = "data") -> ModuleType:
+    """:func:`gsra_salad._optional.require` with the readers' extra, ``data``, as default."""
+    return _require(module, extra)
 
 
 def load_rgb(path: str | Path) -> Tensor:
