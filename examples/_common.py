@@ -178,19 +178,12 @@ def demo_model(query_size: Size, reference_size: Size, channels: int = 64) -> Cr
     reference_attention = (
         None if r_map == q_map else GlobalSpatialRelationAttention(channels, r_map, groups=8)
     )
-    try:
-        return CrossViewGeoLocalizer(
-            TinyCNN(channels, width=32),
-            GlobalSpatialRelationAttention(channels, q_map, groups=8),
-            SALAD(channels, num_clusters=clusters, cluster_dim=16, token_dim=0, dropout=0.0),
-            reference_attention=reference_attention,
-        )
-    except TypeError:  # TEMPORARY until the MODEL helper's reference_attention lands on main
-        return CrossViewGeoLocalizer(
-            TinyCNN(channels, width=32),
-            None,
-            SALAD(channels, num_clusters=clusters, cluster_dim=16, token_dim=0, dropout=0.0),
-        )
+    return CrossViewGeoLocalizer(
+        TinyCNN(channels, width=32),
+        GlobalSpatialRelationAttention(channels, q_map, groups=8),
+        SALAD(channels, num_clusters=clusters, cluster_dim=16, token_dim=0, dropout=0.0),
+        reference_attention=reference_attention,
+    )
 
 
 def paper_model(args, query_size: Size, reference_size: Size) -> CrossViewGeoLocalizer:
