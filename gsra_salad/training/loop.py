@@ -621,7 +621,7 @@ def _refresh_neighbours(model, mining_set, labels, config, context, per_rank):
 def _summary(record: dict[str, Any]) -> str:
     text = (
         f"epoch {record['epoch']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
-        f"{record['images_per_s']:.0f} images/s"
+        f"{record['images_per_s']:.3g} images/s"
     )
     for name, metrics in record.get("metrics", {}).items():
         text += f"; {name} R@1 {metrics['R@1']:.2f}"
