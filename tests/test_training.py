@@ -404,3 +404,13 @@ def test_nothing_below_training_imports_it():
                 path,
                 names,
             )
+
+
+def test_evaluate_on_a_gallery_smaller_than_k():
+    from gsra_salad.training import evaluate
+
+    pairs = _Pairs(3)
+    metrics = evaluate(_model(), _task(pairs), TrainConfig(workers=0, progress=False))["val"]
+    assert set(metrics) == {"R@1", "R@5", "R@10", "R@1%", "queries", "references"}
+    assert metrics["R@5"] == metrics["R@10"] == 100.0  # every match is within 3 places
+    assert metrics["references"] == 3

@@ -307,6 +307,16 @@ def _embed(
     return descriptors.cpu(), labels.cpu()
 
 
+RECALL_KS = (1, 5, 10)
+
+
+def _beyond(key: str, gallery: int) -> bool:
+    """A clipped R@k key that is not one of RECALL_KS (e.g. R@3 on a gallery of 3)."""
+    if not key.startswith("R@") or key == "R@1%":
+        return False
+    return int(key[2:]) not in RECALL_KS and int(key[2:]) >= gallery
+
+
 def evaluate(
     model: nn.Module,
     tasks: Sequence[RetrievalTask],
@@ -319,6 +329,11 @@ def evaluate(
         ``{task.name: {"R@1", "R@5", "R@10", "R@1%", ["AP"], "queries", "references"}}``.
     """
     context = context or get_context()
+    if context.distributed:
+        # after the last step each rank holds batch-norm statistics of its own batches; DDP
+        # would broadcast rank 0's at the next forward, evaluation does it here
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     was_training = model.training
     model.eval()
     results = {}
@@ -326,9 +341,14 @@ def evaluate(
         for task in tasks:
             q, ql = _embed(model, task.queries, task.query_view, config, context)
             r, rl = _embed(model, task.references, task.reference_view, config, context)
-            metrics = evaluate_retrieval(q, r, ql, rl, protocol=task.protocol)
+            # R@k for k beyond the gallery equals R@(gallery size): every match is in the top k
+            ks = {k: min(k, len(r)) for k in RECALL_KS}
+            metrics = evaluate_retrieval(
+                q, r, ql, rl, ks=tuple(sorted(set(ks.values()))), protocol=task.protocol
+            )
+            metrics.update({f"R@{k}": metrics[f"R@{clipped}"] for k, clipped in ks.items()})
             results[task.name] = {
-                **{k: float(v) for k, v in metrics.items()},
+                **{k: float(v) for k, v in metrics.items() if not _beyond(k, len(r))},
                 "queries": len(q),
                 "references": len(r),
             }
