@@ -136,7 +136,10 @@ def test_saves_only_input_parameters_and_projections():
     fused.eval()
     with SavedBytes() as eval_bytes:
         fused(x)
-    assert eval_bytes.bytes == x_bytes + params
+    # eval: the input, the parameters and the running statistics the recomputation normalises
+    # with (saved, so that an update between forward and backward is detected, as for BatchNorm)
+    stats = sum(b.numel() * b.element_size() for n, b in fused.named_buffers() if "running" in n)
+    assert eval_bytes.bytes == x_bytes + params + stats
 
 
 def test_state_dict_has_the_published_names_and_shapes():
@@ -253,7 +256,7 @@ def test_double_backward_needs_reference():
     (g,) = torch.autograd.grad(ref(x).pow(2).sum(), x, create_graph=True)
     g.sum().backward()
     (g,) = torch.autograd.grad(fused(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"once_differentiable|twice"):
+    with pytest.raises(RuntimeError, match=r"not differentiable again.*impl='reference'"):
         g.sum().backward()
 
 
