@@ -308,12 +308,14 @@ class _Projections(torch.autograd.Function):
 
 
 class _NoDoubleBackward(torch.autograd.Function):
-    """Identity on the first-order gradients whose backward raises a clear error (torch's
-    ``once_differentiable`` does the same with a generic message)."""
+    """``apply(k, *tensors)``: identity on ``tensors[k:]`` (the first-order gradients), connected
+    to all of ``tensors`` (the block's inputs too), whose backward raises a clear error (torch's
+    ``once_differentiable`` does the same with a generic message, and only when the incoming
+    gradient requires grad)."""
 
     @staticmethod
-    def forward(*grads: Tensor):
-        return tuple(g.view_as(g) for g in grads)
+    def forward(k: int, *tensors: Tensor):
+        return tuple(t.view_as(t) for t in tensors[k:])
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -358,23 +360,29 @@ class RecomputedGSRA(torch.autograd.Function):
         x, *rest = ctx.saved_tensors
         k = ctx.num_params
         params, stats, cm = rest[:k], rest[k:-1], rest[-1]
+        inputs = [x, *params]
         needs = ctx.needs_input_grad[3 : 4 + k]
-        leaves = [t.detach().requires_grad_(n) for t, n in zip((x, *params), needs)]
-        with torch.enable_grad():
-            out = gsra_lowrank(
-                leaves[0],
-                dict(zip(ctx.names[:k], leaves[1:])),
+        wanted = [i for i, n in enumerate(needs) if n]
+
+        def block(*leaves: Tensor) -> Tensor:
+            args = list(inputs)
+            for i, leaf in zip(wanted, leaves):
+                args[i] = leaf
+            return gsra_lowrank(
+                args[0],
+                dict(zip(ctx.names[:k], args[1:])),
                 dict(zip(ctx.stat_names, stats)),
                 ctx.plan,
                 None if cm is None else {"cm": cm},
             )
-        wanted = [t for t, n in zip(leaves, needs) if n]
-        grads = list(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+
+        # torch.func.vjp rather than autograd.grad: it also runs inside torch.func transforms
+        with torch.no_grad():
+            _, vjp = torch.func.vjp(block, *[inputs[i].detach() for i in wanted])
+            grads = list(vjp(grad))
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail clearly
-            present = [i for i, g in enumerate(grads) if g is not None]
-            fake = [grads[i].detach().requires_grad_() for i in present]
-            for i, g in zip(present, _NoDoubleBackward.apply(*fake)):
-                grads[i] = g
-        it = iter(grads)
-        grads = [next(it) if n else None for n in needs]
-        return (None, None, None, *grads, *[None] * (len(ctx.needs_input_grad) - 4 - k))
+            grads = list(_NoDoubleBackward.apply(len(inputs) + 1, *inputs, grad, *grads))
+        out: list[Tensor | None] = [None] * len(needs)
+        for i, g in zip(wanted, grads):
+            out[i] = g
+        return (None, None, None, *out, *[None] * (len(ctx.needs_input_grad) - 4 - k))

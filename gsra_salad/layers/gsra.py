@@ -72,20 +72,16 @@ def _hooked(m: nn.Module) -> bool:
 
 
 def _sync_needed(bn: nn.Module) -> bool:
-    """Whether a SyncBatchNorm would reduce its statistics across processes in this forward."""
+    """Whether a SyncBatchNorm synchronises in this forward (torch's own condition: training in
+    an initialised process group; it then also requires a GPU input)."""
     if not (isinstance(bn, nn.SyncBatchNorm) and bn.training):
         return False
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
-    group = bn.process_group or dist.group.WORLD
-    return dist.get_world_size(group) > 1
+    return dist.is_available() and dist.is_initialized()
 
 
 def _unsupported(name: str, m: nn.Module, want: type[nn.Module]) -> str | None:
     """Why submodule ``m`` (expected of type ``want``) keeps the fused path from running."""
-    if not _is_type(m, want) and not (want is nn.BatchNorm2d and _is_type(m, nn.SyncBatchNorm)):
-        return f"{name} is a {type(m).__name__}, not the standard nn.{want.__name__}"
     if _hooked(m):
         return (
             f"{name} has forward, forward-pre or backward hooks (pruning and the old-style "
@@ -93,6 +89,8 @@ def _unsupported(name: str, m: nn.Module, want: type[nn.Module]) -> str | None:
         )
     if parametrize.is_parametrized(m):
         return f"{name} has parametrizations (e.g. torch.nn.utils.parametrizations.weight_norm)"
+    if not _is_type(m, want) and not (want is nn.BatchNorm2d and _is_type(m, nn.SyncBatchNorm)):
+        return f"{name} is a {type(m).__name__}, not the standard nn.{want.__name__}"
     if want is nn.Conv2d and not (
         m.kernel_size == (1, 1)
         and m.stride == (1, 1)
@@ -103,8 +101,8 @@ def _unsupported(name: str, m: nn.Module, want: type[nn.Module]) -> str | None:
         return f"{name} is not a plain 1x1 convolution (kernel, stride, padding, dilation, groups)"
     if _sync_needed(m):
         return (
-            f"{name} is a SyncBatchNorm in an initialised process group (the fused path does not "
-            "reduce its statistics across processes)"
+            f"{name} is a SyncBatchNorm training in an initialised process group (the fused path "
+            "does not reduce its statistics across processes)"
         )
     return None
 
