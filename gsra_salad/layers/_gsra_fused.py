@@ -169,7 +169,7 @@ def _first_bn_moments(
 ) -> tuple[Tensor, Tensor]:
     """Batch mean and biased variance of ``y = gg_spatial[0](R)`` per output channel o
     (derivations 3.2), without forming y: ``mu = (Wa u_a + Wb u_b) / S`` and
-    ``E[y^2]_o = mean_s C_s[o]^T S_s C_s[o]``."""
+    ``E[y^2]_o = mean_s C_s[o]^T M_s C_s[o]``."""
     s, ci, p = theta.shape
     z = torch.cat([theta, phi], dim=1)  # (S, 2Ci, P)
     zbar = z.mean(2)  # (S, 2Ci)
@@ -187,7 +187,7 @@ def _first_bn_moments(
         cm = torch.cat([c_a, c_b], dim=2)  # C_s: (S, P/2, 2Ci)
         if projections is not None:
             projections["cm"] = cm
-    second = torch.matmul(z, z.transpose(1, 2)) / p  # S_s: (S, 2Ci, 2Ci)
+    second = torch.matmul(z, z.transpose(1, 2)) / p  # M_s: (S, 2Ci, 2Ci)
     sq = (torch.matmul(cm, second) * cm).sum((0, 2)) / s
     return mean, (sq - mean * mean).clamp_min(0)
 
