@@ -218,7 +218,10 @@ class GlobalSpatialRelationAttention(nn.Module):
     @property
     def impl(self) -> Impl:
         """``"auto"``, ``"fused"`` or ``"reference"``; validated on assignment."""
-        return self._impl
+        try:
+            return self._impl
+        except AttributeError:  # a module pickled before impl became a property
+            return self.__dict__.get("impl", "auto")
 
     @impl.setter
     def impl(self, value: Impl) -> None:
