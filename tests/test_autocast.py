@@ -43,11 +43,11 @@ def _set_impl(module: nn.Module, impl: str) -> nn.Module:
     return module
 
 
-def _step(module, inputs, autocast: bool):
+def _step(module, inputs, autocast: bool, amp: torch.dtype = AMP):
     """Forward (under autocast or not), a float32 loss, backward: outputs and gradients."""
     inputs = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
     module.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=AMP, enabled=autocast):
+    with torch.autocast("cpu", dtype=amp, enabled=autocast):
         out = module(*inputs)
     outs = out if isinstance(out, tuple) else (out,)
     torch.manual_seed(1)
@@ -58,13 +58,13 @@ def _step(module, inputs, autocast: bool):
     return outs, grads
 
 
-def _compare(module: nn.Module, inputs, training: bool) -> None:
+def _compare(module: nn.Module, inputs, training: bool, amp: torch.dtype = AMP) -> None:
     module = _randomise(module).train(training)
     ref_amp = _set_impl(copy.deepcopy(module), "reference")
     ref_32 = _set_impl(copy.deepcopy(module), "reference")
     fused = _set_impl(copy.deepcopy(module), "fused")
-    out_f, grad_f = _step(fused, inputs, autocast=True)
-    out_r, grad_r = _step(ref_amp, inputs, autocast=True)
+    out_f, grad_f = _step(fused, inputs, autocast=True, amp=amp)
+    out_r, grad_r = _step(ref_amp, inputs, autocast=True, amp=amp)
     _, grad_e = _step(ref_32, [x.float() for x in inputs], autocast=False)
     for a, b in zip(out_f, out_r):
         assert a.dtype == b.dtype
@@ -79,10 +79,18 @@ def _compare(module: nn.Module, inputs, training: bool) -> None:
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
-def test_gsra_under_autocast(training, input_dtype):
+@pytest.mark.parametrize(
+    ("amp", "input_dtype"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float32),  # CUDA's usual autocast dtype, here on the CPU
+        (torch.float16, torch.float16),
+    ],
+)
+def test_gsra_under_autocast(training, amp, input_dtype):
     gsra = GlobalSpatialRelationAttention(64, (4, 6), groups=8)
-    _compare(gsra, [torch.randn(2, 64, 4, 6).to(input_dtype)], training)
+    _compare(gsra, [torch.randn(2, 64, 4, 6).to(input_dtype)], training, amp)
 
 
 @pytest.mark.parametrize("training", [True, False])
