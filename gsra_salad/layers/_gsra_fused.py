@@ -376,10 +376,16 @@ class RecomputedGSRA(torch.autograd.Function):
                 None if cm is None else {"cm": cm},
             )
 
-        # torch.func.vjp rather than autograd.grad: it also runs inside torch.func transforms
-        with torch.no_grad():
-            _, vjp = torch.func.vjp(block, *[inputs[i].detach() for i in wanted])
-            grads = list(vjp(grad))
+        try:
+            leaves = [inputs[i].detach().requires_grad_() for i in wanted]
+        except RuntimeError:  # inside a torch.func transform: autograd.grad is not allowed there
+            with torch.no_grad():
+                _, vjp = torch.func.vjp(block, *[inputs[i].detach() for i in wanted])
+                grads = list(vjp(grad))
+        else:  # torch.func.vjp would work here too, but costs more per operation
+            with torch.enable_grad():
+                out = block(*leaves)
+            grads = list(torch.autograd.grad(out, leaves, grad, allow_unused=True))
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail clearly
             grads = list(_NoDoubleBackward.apply(len(inputs) + 1, *inputs, grad, *grads))
         out: list[Tensor | None] = [None] * len(needs)

@@ -59,6 +59,14 @@ def _pair(spatial_size: int | tuple[int, int]) -> tuple[int, int]:
     return side, side
 
 
+def _all_finite(x: Tensor) -> bool:
+    """No NaN or inf in ``x``: one summing pass (NaN and inf propagate to the sum), and the exact
+    elementwise test only if the sum itself is not finite."""
+    x = x.detach()
+    total = x.sum(dtype=torch.promote_types(x.dtype, torch.float32))
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(x).all())
+
+
 def _is_type(m: nn.Module, want: type[nn.Module]) -> bool:
     """``type(m) is want``; while tracing, any subclass (torch.export's non-strict tracing swaps
     module classes for same-named subclasses)."""
@@ -253,7 +261,7 @@ class GlobalSpatialRelationAttention(nn.Module):
                 f"input image so the feature map is {self.spatial_size}"
             )
         self._check_dtype(x)
-        if checks_enabled() and not bool(torch.isfinite(x.detach()).all()):
+        if checks_enabled() and not _all_finite(x):
             kind = "NaN" if bool(torch.isnan(x.detach()).any()) else "inf"
             raise ValueError(
                 f"{name}: the input contains {kind}; the block needs finite values. Check the "
@@ -279,7 +287,7 @@ class GlobalSpatialRelationAttention(nn.Module):
             )
 
     def _check_output(self, x: Tensor, out: Tensor) -> None:
-        if checks_enabled() and not bool(torch.isfinite(out.detach()).all()):
+        if checks_enabled() and not _all_finite(out):
             largest = x.detach().abs().max().item()
             raise ValueError(
                 f"{type(self).__name__}: the output is not finite although the input is: the "
