@@ -179,7 +179,7 @@ def demo_model(query_size: Size, reference_size: Size, channels: int = 64) -> Cr
         None if r_map == q_map else GlobalSpatialRelationAttention(channels, r_map, groups=8)
     )
     return CrossViewGeoLocalizer(
-        TinyCNN(channels, width=32),
+        TinyCNN(channels, width=16),
         GlobalSpatialRelationAttention(channels, q_map, groups=8),
         SALAD(channels, num_clusters=clusters, cluster_dim=16, token_dim=0, dropout=0.0),
         reference_attention=reference_attention,
