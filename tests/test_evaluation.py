@@ -643,3 +643,10 @@ def test_retrieval_grid_undoes_normalisation_and_checks_shapes(tmp_path):
         save_retrieval_grid(tmp_path / "x.png", grey, grey, [[0]], [[True]], k=2)
     with pytest.raises(ValueError, match="images must be"):
         save_retrieval_grid(tmp_path / "x.png", torch.zeros(1, 5, 6, 6), grey, [[0]], [[True]], k=1)
+
+
+def test_huge_finite_descriptors_are_not_mistaken_for_inf():
+    q = torch.full((2, 4), 3e38)  # finite, but their row sums overflow
+    q[1] = -q[1]
+    result = evaluate_retrieval(q, q, [0, 1], [0, 1], ks=(1,))
+    assert result["R@1"] == 100.0
