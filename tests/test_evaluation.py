@@ -193,6 +193,9 @@ def test_both_counting_paths_agree(monkeypatch):
     monkeypatch.setattr(search_module, "_COUNT_BY_COMPARISON", 0)  # sort + searchsorted
     by_sort = evaluate_retrieval(q, r, ql, gl, **kwargs)
     assert by_sort == by_comparison
+    monkeypatch.setattr(search_module, "_COUNT_BY_COMPARISON", 16)
+    monkeypatch.setattr(search_module, "_COUNT_ELEMENTS", 2 * len(gl) + 1)  # two rows at a time
+    assert evaluate_retrieval(q, r, ql, gl, **kwargs) == by_comparison
     assert_same(by_sort, official_university(q, r, ql, gl, (1, 5)))
 
 

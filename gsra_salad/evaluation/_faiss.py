@@ -60,7 +60,7 @@ def faiss_positions(
     true = torch.full((q_count, t), -1, dtype=torch.long) if full else None
     top1 = torch.empty(q_count, dtype=torch.long) if need_top1 else None
     k = num_kept if full else min(k_max, num_kept)
-    chunk = chunk_size or auto_chunk_size(k, sort=True)
+    chunk = chunk_size or auto_chunk_size(k, query.shape[1], sort=True)
     for start in range(0, q_count, chunk):
         stop = min(start + chunk, q_count)
         scores_np, ids_np = index.search(_as_numpy(query[start:stop]), k)

@@ -19,6 +19,8 @@ __all__ = ["search"]
 _BLOCK_ELEMENTS = 2**25
 # elements of one float32 copy of a slice of low-precision references (64 MiB)
 _CONVERT_ELEMENTS = 2**24
+# elements of the comparison masks counted at once
+_COUNT_ELEMENTS = 2**22
 # up to this many true matches per query, count by comparison passes; beyond, sort the block
 _COUNT_BY_COMPARISON = 16
 
@@ -40,11 +42,12 @@ def similarity_block(query_chunk: Tensor, reference: Tensor) -> Tensor:
     return out
 
 
-def auto_chunk_size(num_references: int, *, sort: bool = False) -> int:
+def auto_chunk_size(num_references: int, dim: int = 1, *, sort: bool = False) -> int:
     """Queries per chunk so that one similarity block holds about 2**25 elements (a sort needs
-    values and int64 indices too: a third of that)."""
+    values and int64 indices too: a third of that) and the chunk's float32 copy (for
+    low-precision storage) about 2**24."""
     budget = _BLOCK_ELEMENTS // (3 if sort else 1)
-    return max(1, budget // max(1, num_references))
+    return max(1, min(budget // max(1, num_references), _CONVERT_ELEMENTS // max(1, dim)))
 
 
 @dataclass
@@ -86,6 +89,18 @@ def true_match_indices(
     return indices, counts
 
 
+def _count_greater(scores: Tensor, vals: Tensor) -> Tensor:
+    """(C, T) counts of ``scores[c] > vals[c, t]``, over row slices: a comparison's bool mask
+    and the integer copy that ``sum`` makes of it stay at ~2**22 elements each."""
+    out = torch.empty(vals.shape, dtype=torch.long, device=scores.device)
+    rows = max(1, _COUNT_ELEMENTS // max(1, scores.shape[1]))
+    for start in range(0, scores.shape[0], rows):
+        block = scores[start : start + rows]
+        for i in range(vals.shape[1]):
+            out[start : start + rows, i] = (block > vals[start : start + rows, i : i + 1]).sum(1)
+    return out
+
+
 def positions_from_scores(
     scores: Tensor, true_index: Tensor, *, sort: bool
 ) -> tuple[Tensor, Tensor]:
@@ -103,7 +118,7 @@ def positions_from_scores(
     # true matches strictly more similar than the i-th one (they are among the counted ones)
     true_greater = (vals.unsqueeze(1) > vals.unsqueeze(2)).sum(-1)
     if not sort:
-        greater = torch.stack([(scores > vals[:, i : i + 1]).sum(1) for i in range(t)], dim=1)
+        greater = _count_greater(scores, vals)
     else:
         ranked = scores.sort(dim=1).values
         greater = scores.shape[1] - torch.searchsorted(ranked, vals.contiguous(), right=True)
@@ -128,7 +143,7 @@ def streaming_positions(
     q_count, r_count = query.shape[0], reference.shape[0]
     t = true_index.shape[1]
     sort = t > _COUNT_BY_COMPARISON
-    chunk = chunk_size or auto_chunk_size(r_count, sort=sort)
+    chunk = chunk_size or auto_chunk_size(r_count, query.shape[1], sort=sort)
     num_kept = int(kept.sum())
     junk = None if bool(kept.all()) else ~kept.unsqueeze(0)
     first = torch.full((q_count,), num_kept, dtype=torch.long, device=query.device)
@@ -186,7 +201,7 @@ def search(
     r_count = reference_descriptors.shape[0]
     if not isinstance(k, int) or not 1 <= k <= r_count:
         raise ValueError(f"search: k must be an int in [1, {r_count}] (the gallery size), got {k}")
-    chunk = chunk_size or auto_chunk_size(r_count)
+    chunk = chunk_size or auto_chunk_size(r_count, query_descriptors.shape[1])
     scores, indices = [], []
     for start in range(0, query_descriptors.shape[0], chunk):
         block = similarity_block(query_descriptors[start : start + chunk], reference_descriptors)

@@ -143,7 +143,7 @@ def evaluate_retrieval(
         position_metric: how positions are compared: ``"euclidean"`` (planar metres, e.g.
             UTM) or ``"haversine"`` ((latitude, longitude) in degrees). Required with positions.
         chunk_size: queries per similarity block; default: about 2**25 block elements
-            (128 MiB in float32).
+            (128 MiB in float32), and at most 2**24 / D queries.
         backend: ``"torch"`` (built-in) or ``"faiss"`` (exact ``IndexFlatIP``, the ``faiss``
             extra; see ``docs/evaluation.md``).
 
