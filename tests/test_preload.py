@@ -298,3 +298,34 @@ def test_batch_augmentation_errors():
         PairedBatchAugmentation("street")
     with pytest.raises(ValueError, match="brightness"):
         PairedBatchAugmentation(brightness=2.0)
+
+
+# -- the writers' worker processes -------------------------------------------------------------
+
+
+def _digests(root):
+    import hashlib
+    from pathlib import Path
+
+    return {
+        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file() and p.suffix != ".mat"  # scipy stamps .mat headers with the time
+    }
+
+
+@pytest.mark.parametrize(
+    ("writer", "kwargs"),
+    [
+        (synthetic.write_cvusa, dict(num_train=10, num_val=6)),
+        (synthetic.write_cvact, dict(num_train=6, num_val=4, num_test=4, missing=2)),
+        (synthetic.write_university1652, dict(num_train=4, num_test=4, num_distractors=3)),
+    ],
+)
+def test_writers_in_worker_processes_write_the_same_files(writer, kwargs, tmp_path, monkeypatch):
+    kwargs = dict(kwargs, tile_size=48, seed=5)
+    serial = writer(tmp_path / "serial", **kwargs)
+    monkeypatch.setattr(synthetic, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(synthetic, "_cores", lambda: 2)
+    parallel = writer(tmp_path / "parallel", **kwargs)
+    assert _digests(serial) == _digests(parallel) != {}
