@@ -329,3 +329,40 @@ def test_writers_in_worker_processes_write_the_same_files(writer, kwargs, tmp_pa
     monkeypatch.setattr(synthetic, "_cores", lambda: 2)
     parallel = writer(tmp_path / "parallel", **kwargs)
     assert _digests(serial) == _digests(parallel) != {}
+
+
+def _colour_reference(x, f):
+    """The four colour steps one after the other, float64, clamped once at the end."""
+    luma = torch.tensor([0.2989, 0.587, 0.114], dtype=torch.float64).view(1, 3, 1, 1)
+    x = x.double() * f["brightness"].view(-1, 1, 1, 1).double()
+    mean = (x * luma).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    x = mean + f["contrast"].view(-1, 1, 1, 1).double() * (x - mean)
+    grey = (x * luma).sum(1, keepdim=True)
+    x = grey + f["saturation"].view(-1, 1, 1, 1).double() * (x - grey)
+    return x * f["channel_gain"].view(-1, 3, 1, 1).double()
+
+
+def test_colour_matches_step_by_step_formulas():
+    aug = PairedBatchAugmentation(
+        brightness=0.3,
+        contrast=0.4,
+        saturation=0.5,
+        channel_gain=0.2,
+        generator=torch.Generator().manual_seed(2),
+    )
+    x = torch.rand(6, 3, 5, 7, dtype=torch.float64) * 0.6 + 0.2
+    f = aug.draw_colour(6)
+    assert {k: tuple(v.shape) for k, v in f.items()} == {
+        "brightness": (6,),
+        "contrast": (6,),
+        "saturation": (6,),
+        "channel_gain": (6, 3),
+    }
+    expected = _colour_reference(x, f)
+    torch.testing.assert_close(aug.apply_colour(x, f), expected.clamp(0, 1), rtol=1e-12, atol=1e-12)
+    # uint8: the same map on 0..255, rounded and clamped
+    x8 = torch.randint(0, 256, (6, 3, 5, 7), dtype=torch.uint8)
+    expected8 = _colour_reference(x8.double(), f).clamp(0, 255).round()
+    got8 = aug.apply_colour(x8, f)
+    assert got8.dtype == torch.uint8
+    assert (got8.double() - expected8).abs().max() <= 1  # float32 work, rounding at .5

@@ -363,11 +363,6 @@ class PreloadedPairs(Dataset):
         return PreloadedImages(self.reference, labels=self.labels, normalize_items=normalize_items)
 
 
-def _grey(x: Tensor) -> Tensor:
-    # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
 class PairedBatchAugmentation:
     """:class:`~gsra_salad.data.PairedAugmentation` on whole batches, plus colour changes.
 
@@ -378,9 +373,9 @@ class PairedBatchAugmentation:
     (:func:`~gsra_salad.data.rotate_pair`), while in ``mode="drone"`` (University-1652) only
     the reference tile turns. Then each view of each pair gets its own colour change:
     brightness, contrast and saturation factors drawn uniformly from ``[1 - s, 1 + s]``
-    (torchvision's ``ColorJitter`` formulas, applied in that order) and, with
-    ``channel_gain``, a per-channel gain from ``[1 - g, 1 + g]`` (a white-balance or season
-    change).
+    (torchvision's ``ColorJitter`` formulas, in that order) and, with ``channel_gain``, a
+    per-channel gain from ``[1 - g, 1 + g]`` (a white-balance or season change), composed into
+    one affine colour map per image and clamped once (:meth:`apply_colour`).
 
     Works on uint8 images (the result is rounded back to uint8) or on floats in [0, 1]. Every
     draw comes from ``generator``, so a seeded generator gives the same batches every run.
@@ -469,31 +464,55 @@ class PairedBatchAugmentation:
                 reference[mask] = torch.rot90(reference[mask], k, dims=(-2, -1))
         return query, reference
 
+    def draw_colour(self, batch_size: int) -> dict[str, Tensor]:
+        """The colour factors of a batch: ``brightness``, ``contrast``, ``saturation`` (B,) and
+        ``channel_gain`` (B, 3), each drawn only when its strength is non-zero."""
+        factors = {}
+        for name in ("brightness", "contrast", "saturation", "channel_gain"):
+            strength = getattr(self, name)
+            if strength:
+                shape = (batch_size, 3) if name == "channel_gain" else (batch_size,)
+                u = torch.rand(shape, generator=self.generator)
+                factors[name] = 1 - strength + 2 * strength * u
+        return factors
+
+    @staticmethod
+    def apply_colour(images: Tensor, factors: dict[str, Tensor]) -> Tensor:
+        """Applies colour factors (see :meth:`draw_colour`) to a batch (B, 3, H, W).
+
+        With ``g`` the luma of an image (ITU-R 601-2 weights, as torchvision) and ``mean(g)``
+        its mean: brightness ``x * fb``; contrast ``mean(g) + fc (x - mean(g))``; saturation
+        ``g + fs (x - g)``; gain ``x * gain[c]``, in that order. The four steps compose to one
+        affine colour map per image (a 3 x 3 matrix and an offset), applied in one pass and
+        clamped once at the end (torchvision's ColorJitter clamps after every step).
+        """
+        b = images.shape[0]
+        if not factors:
+            return images
+        integer = not images.is_floating_point()
+        work = torch.float32 if integer else images.dtype
+        top = float(torch.iinfo(images.dtype).max) if integer else 1.0
+        x = images.reshape(b, 3, -1).to(work)
+        ones = torch.ones(b, dtype=work)
+        fb = factors.get("brightness", ones).to(work)
+        fc = factors.get("contrast", ones).to(work)
+        fs = factors.get("saturation", ones).to(work)
+        gain = factors.get("channel_gain", torch.ones(b, 3)).to(work)
+        luma = torch.tensor([0.2989, 0.587, 0.114], dtype=work)
+        # saturation: fs I + (1 - fs) 1 luma^T; then the gain scales its rows
+        sat = fs.view(b, 1, 1) * torch.eye(3, dtype=work) + (1 - fs).view(b, 1, 1) * luma
+        sat = gain.unsqueeze(2) * sat
+        matrix = sat * (fc * fb).view(b, 1, 1)
+        grey_mean = (x.mean(2) @ luma) * fb  # mean luma after the brightness step
+        offset = sat.sum(2) * ((1 - fc) * grey_mean).unsqueeze(1)  # (B, 3)
+        out = torch.baddbmm(offset.unsqueeze(2), matrix, x).clamp_(0, top)
+        if integer:
+            out = out.round_()
+        return out.to(images.dtype).view(images.shape)
+
     def colour(self, images: Tensor) -> Tensor:
         """An independent colour change per image of a batch (B, 3, H, W)."""
-        if not (self.brightness or self.contrast or self.saturation or self.channel_gain):
-            return images
-        b = images.shape[0]
-        integer = not images.is_floating_point()
-        x = images.float() / 255 if integer else images
-
-        def factors(strength: float, *shape: int) -> Tensor:
-            u = torch.rand(b, *shape, generator=self.generator)
-            return (1 - strength + 2 * strength * u).view(b, *shape, *([1] * (3 - len(shape))))
-
-        if self.brightness:
-            x = (x * factors(self.brightness)).clamp(0, 1)
-        if self.contrast:
-            mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
-            x = (mean + factors(self.contrast) * (x - mean)).clamp(0, 1)
-        if self.saturation:
-            grey = _grey(x)
-            x = (grey + factors(self.saturation) * (x - grey)).clamp(0, 1)
-        if self.channel_gain:
-            x = (x * factors(self.channel_gain, 3)).clamp(0, 1)
-        if integer:
-            return (x * 255).round_().to(images.dtype)
-        return x.to(images.dtype)
+        return self.apply_colour(images, self.draw_colour(images.shape[0]))
 
     def __call__(self, query: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
         for name, x in (("query", query), ("reference", reference)):
