@@ -366,3 +366,31 @@ def test_colour_matches_step_by_step_formulas():
     got8 = aug.apply_colour(x8, f)
     assert got8.dtype == torch.uint8
     assert (got8.double() - expected8).abs().max() <= 1  # float32 work, rounding at .5
+
+
+def test_polar_mode_equals_polar_transform_of_the_panorama_mode_tile():
+    tiles = _tiles(dtype=torch.float64)
+    panos = polar_transform(tiles, (8, 64))
+    aug = PairedBatchAugmentation("panorama")
+    polar = PairedBatchAugmentation("polar")
+    flip = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1], dtype=torch.bool)
+    turns = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    q, r = aug.geometric(panos, tiles, flip, turns)
+    pq, pr = polar.geometric(panos, polar_transform(tiles, (6, 32)), flip, turns)
+    assert torch.equal(pq, q)
+    torch.testing.assert_close(pr, polar_transform(r, (6, 32)), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        polar.geometric(panos, torch.rand(8, 3, 6, 30), flip, turns)
+
+
+def test_preload_transforms_run_once_on_uint8_batches(cvusa_root):
+    to_pano = lambda x: polar_transform(x, (16, 64))  # noqa: E731
+    pairs = PreloadedPairs(CVUSA(cvusa_root, "val"), (32, 128), 64, reference_transform=to_pano)
+    plain = PreloadedPairs(CVUSA(cvusa_root, "val"), (32, 128), 64)
+    assert pairs.reference.shape == (5, 3, 16, 64) and pairs.reference.dtype == torch.uint8
+    assert torch.equal(pairs.reference, polar_transform(plain.reference, (16, 64)))
+    assert torch.equal(pairs.query, plain.query)
+    images = PreloadedImages(plain.reference, labels=plain.labels, transform=to_pano)
+    assert torch.equal(images.images, pairs.reference)
+    with pytest.raises(TypeError, match="uint8 batch"):
+        PreloadedPairs(CVUSA(cvusa_root, "val"), reference_transform=lambda x: x.float())

@@ -37,7 +37,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -126,6 +126,27 @@ def _fill(
     return out
 
 
+BatchTransform = Callable[[Tensor], Tensor]
+
+
+def _apply(transform: BatchTransform | None, images: Tensor, what: str, chunk: int = 256) -> Tensor:
+    """Runs a uint8 batch transform over ``images`` in chunks (bounded memory), checks it."""
+    if transform is None:
+        return images
+    parts = [transform(images[i : i + chunk]) for i in range(0, len(images), chunk)]
+    first = parts[0]
+    if not isinstance(first, Tensor) or first.dtype != torch.uint8 or first.dim() != 4:
+        got = f"{first.dtype} {tuple(first.shape)}" if isinstance(first, Tensor) else type(first)
+        raise TypeError(
+            f"{what}: the transform must map a uint8 batch (N, 3, H, W) to a uint8 batch, got "
+            f"{got}; it runs once at loading (e.g. polar_transform), normalisation comes later"
+        )
+    out = torch.cat(parts)
+    if len(out) != len(images):
+        raise ValueError(f"{what}: the transform returned {len(out)} images for {len(images)}")
+    return out
+
+
 def load_images(paths: Sequence[str | Path], size: Size = None, *, workers: int = 0) -> Tensor:
     """Decodes image files and resizes them (as :func:`~gsra_salad.data.eval_transform` does).
 
@@ -195,6 +216,8 @@ class PreloadedImages(Dataset):
             items, or an (N, 3, H, W) uint8 tensor (then give ``labels``).
         size: int or (H, W) to resize to; ``None`` keeps the images' size.
         labels: (N,) labels when ``source`` is a tensor.
+        transform: applied once, after resizing, to the uint8 images as batches (N, 3, H, W),
+            returning uint8 batches, e.g. ``lambda x: polar_transform(x, (64, 256))``.
         workers: decoding threads.
         normalize_items: items are ImageNet-normalised float32 images (``True``, ready for a
             model) or the stored uint8 images.
@@ -216,6 +239,7 @@ class PreloadedImages(Dataset):
         size: Size = None,
         *,
         labels: Sequence[int] | np.ndarray | Tensor | None = None,
+        transform: BatchTransform | None = None,
         workers: int = 0,
         normalize_items: bool = True,
     ) -> None:
@@ -239,6 +263,7 @@ class PreloadedImages(Dataset):
             else:
                 load = lambda i: source[i][0]  # noqa: E731
             self.images = _fill(len(labels), load, pair, workers, "PreloadedImages")
+        self.images = _apply(transform, self.images, "PreloadedImages")
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
         if len(self.labels) != len(self.images):
             raise ValueError(
@@ -271,6 +296,11 @@ class PreloadedPairs(Dataset):
             dataset of (uint8 query, uint8 reference, label) items.
         query_size, reference_size: int or (H, W) to resize each view to, as
             :func:`~gsra_salad.data.eval_transform` would; ``None`` keeps the files' size.
+        query_transform, reference_transform: applied once, after resizing, to each view's
+            uint8 images as batches (N, 3, H, W), returning uint8 batches. E.g.
+            ``reference_transform=lambda x: polar_transform(x, (64, 256))`` turns satellite
+            tiles into panoramas (SAFA-style), to train with
+            ``PairedBatchAugmentation("polar")``.
         workers: decoding threads (0: in the calling thread).
 
     Attributes:
@@ -290,6 +320,8 @@ class PreloadedPairs(Dataset):
         query_size: Size = None,
         reference_size: Size = None,
         *,
+        query_transform: BatchTransform | None = None,
+        reference_transform: BatchTransform | None = None,
         workers: int = 0,
     ) -> None:
         qsize, rsize = _size(query_size), _size(reference_size)
@@ -301,12 +333,15 @@ class PreloadedPairs(Dataset):
             unique = list(dict.fromkeys(rpaths))
             where = {p: i for i, p in enumerate(unique)}
             decoded = _fill(len(unique), lambda i: load_rgb(unique[i]), rsize, workers, "reference")
+            decoded = _apply(reference_transform, decoded, "reference_transform")
             index = torch.tensor([where[p] for p in rpaths], dtype=torch.int64)
             self.reference = decoded if len(unique) == len(rpaths) else decoded[index]
         else:
             n = len(labels)
             self.query = _fill(n, lambda i: source[i][0], qsize, workers, "query")
             self.reference = _fill(n, lambda i: source[i][1], rsize, workers, "reference")
+            self.reference = _apply(reference_transform, self.reference, "reference_transform")
+        self.query = _apply(query_transform, self.query, "query_transform")
         self.labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
         self.positions = getattr(source, "positions", None)
         if not len(self.query) == len(self.reference) == len(self.labels):
@@ -370,26 +405,30 @@ class PairedBatchAugmentation:
     mirrored left-right; with ``rotate``, a quarter turn ``k`` in {0, 1, 2, 3} is drawn and,
     in ``mode="panorama"`` (CVUSA, CVACT), the reference tile turns by ``k`` x 90 degrees
     counter-clockwise and the query panorama rolls by ``-k W / 4`` columns to match
-    (:func:`~gsra_salad.data.rotate_pair`), while in ``mode="drone"`` (University-1652) only
-    the reference tile turns. Then each view of each pair gets its own colour change:
-    brightness, contrast and saturation factors drawn uniformly from ``[1 - s, 1 + s]``
-    (torchvision's ``ColorJitter`` formulas, in that order) and, with ``channel_gain``, a
-    per-channel gain from ``[1 - g, 1 + g]`` (a white-balance or season change), composed into
-    one affine colour map per image and clamped once (:meth:`apply_colour`).
+    (:func:`~gsra_salad.data.rotate_pair`); in ``mode="polar"`` the reference is already a
+    panorama (the tile's :func:`~gsra_salad.data.polar_transform`, SAFA-style) and both views
+    roll by ``-k W / 4`` (the polar transform of the turned tile); in ``mode="drone"``
+    (University-1652) only the reference tile turns. Then each view of each pair gets its own
+    colour change: brightness, contrast and saturation factors drawn uniformly from
+    ``[1 - s, 1 + s]`` (torchvision's ``ColorJitter`` formulas, in that order) and, with
+    ``channel_gain``, a per-channel gain from ``[1 - g, 1 + g]`` (a white-balance or season
+    change), composed into one affine colour map per image and clamped once
+    (:meth:`apply_colour`).
 
     Works on uint8 images (the result is rounded back to uint8) or on floats in [0, 1]. Every
     draw comes from ``generator``, so a seeded generator gives the same batches every run.
 
     Args:
-        mode: ``"panorama"`` or ``"drone"``.
+        mode: ``"panorama"``, ``"polar"`` or ``"drone"``.
         flip_p: probability of mirroring a pair.
         rotate: draw a quarter turn per pair.
         brightness, contrast, saturation, channel_gain: colour-change strengths (0 disables).
         generator: a ``torch.Generator`` for reproducible draws (default: the global RNG).
 
     Shape:
-        - Input: query (B, 3, Hq, Wq) with Wq divisible by 4 in panorama mode; reference
-          (B, 3, S, S) (square, for the quarter turns).
+        - Input: query (B, 3, Hq, Wq) with Wq divisible by 4 in panorama and polar mode;
+          reference (B, 3, S, S) (square, for the quarter turns), or (B, 3, Hr, Wr) with Wr
+          divisible by 4 in polar mode.
         - Output: the same shapes and dtypes.
 
     Example:
@@ -401,7 +440,7 @@ class PairedBatchAugmentation:
 
     def __init__(
         self,
-        mode: Literal["panorama", "drone"] = "panorama",
+        mode: Literal["panorama", "polar", "drone"] = "panorama",
         flip_p: float = 0.5,
         rotate: bool = True,
         *,
@@ -411,8 +450,8 @@ class PairedBatchAugmentation:
         channel_gain: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> None:
-        if mode not in ("panorama", "drone"):
-            raise ValueError(f"mode must be 'panorama' or 'drone', got {mode!r}")
+        if mode not in ("panorama", "polar", "drone"):
+            raise ValueError(f"mode must be 'panorama', 'polar' or 'drone', got {mode!r}")
         if not 0.0 <= flip_p <= 1.0:
             raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
         for name, value in (
@@ -441,9 +480,18 @@ class PairedBatchAugmentation:
         self, query: Tensor, reference: Tensor, flip: Tensor, turns: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Applies given flips and quarter turns (see :meth:`draw`) to a batch of pairs."""
-        if reference.shape[-1] != reference.shape[-2] and bool((turns % 2).any()):
+        turning = bool((turns % 4).any())
+        if self.mode == "polar":
+            for name, x in (("query", query), ("reference", reference)):
+                if turning and x.shape[-1] % 4:
+                    raise ValueError(
+                        f"polar mode: the {name} panorama's width must be divisible by 4 to "
+                        f"roll by quarter turns, got {x.shape[-1]}"
+                    )
+        elif reference.shape[-1] != reference.shape[-2] and bool((turns % 2).any()):
             raise ValueError(
-                f"quarter turns need square reference images, got {tuple(reference.shape)}"
+                f"quarter turns need square reference images, got {tuple(reference.shape)}; "
+                "for polar-transformed references use mode='polar'"
             )
         if self.mode == "panorama" and query.shape[-1] % 4:
             raise ValueError(
@@ -460,6 +508,10 @@ class PairedBatchAugmentation:
                 continue
             if self.mode == "panorama":
                 reference[mask], query[mask] = rotate_pair(reference[mask], query[mask], k)
+            elif self.mode == "polar":
+                wq, wr = query.shape[-1], reference.shape[-1]
+                query[mask] = torch.roll(query[mask], -k * wq // 4, dims=-1)
+                reference[mask] = torch.roll(reference[mask], -k * wr // 4, dims=-1)
             else:
                 reference[mask] = torch.rot90(reference[mask], k, dims=(-2, -1))
         return query, reference
