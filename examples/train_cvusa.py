@@ -13,11 +13,20 @@ hard negatives from embedding neighbours after each evaluation. See docs/trainin
 
 from __future__ import annotations
 
+import os
 import sys
 
 from _common import Data, Recipe, main
 
-from gsra_salad.data import CVUSA, PairedAugmentation, eval_transform, synthetic, train_transform
+from gsra_salad.data import (
+    CVUSA,
+    PairedAugmentation,
+    PairedBatchAugmentation,
+    PreloadedPairs,
+    eval_transform,
+    synthetic,
+    train_transform,
+)
 from gsra_salad.training import PairView, RetrievalTask
 
 
@@ -26,6 +35,8 @@ def write_demo(root, locations, seed, args):
 
 
 def load(args, root, query_size, reference_size, train):
+    if args.demo:  # small images: decode and resize once, augment whole batches in memory
+        return _load_in_memory(args, root, query_size, reference_size, train)
     evaluation = CVUSA(
         root,
         "val",
@@ -35,18 +46,28 @@ def load(args, root, query_size, reference_size, train):
     tasks = [RetrievalTask("val", PairView(evaluation, 0), PairView(evaluation, 1))]
     if not train:
         return Data(None, None, tasks, "val")
-    augment = eval_transform if args.demo else train_transform
     pairs = CVUSA(
         root,
         "train",
-        query_transform=augment(query_size) if args.demo else augment("ground", query_size),
-        reference_transform=(
-            augment(reference_size) if args.demo else augment("satellite", reference_size)
-        ),
+        query_transform=train_transform("ground", query_size),
+        reference_transform=train_transform("satellite", reference_size),
         pair_transform=PairedAugmentation("panorama"),
     )
     plain = CVUSA(root, "train", reference_transform=eval_transform(reference_size))
     return Data(pairs, PairView(plain, 1), tasks, "val")
+
+
+def _load_in_memory(args, root, query_size, reference_size, train):
+    threads = min(8, os.cpu_count() or 1)
+    val = PreloadedPairs(CVUSA(root, "val"), query_size, reference_size, workers=threads)
+    tasks = [RetrievalTask("val", val.query_set(), val.reference_set())]
+    if not train:
+        return Data(None, None, tasks, "val")
+    pairs = PreloadedPairs(CVUSA(root, "train"), query_size, reference_size, workers=threads)
+    augmentation = PairedBatchAugmentation(
+        "panorama", brightness=0.2, contrast=0.2, saturation=0.2, channel_gain=0.1
+    )
+    return Data(pairs, pairs.reference_set(), tasks, "val", augmentation)
 
 
 RECIPE = Recipe(
