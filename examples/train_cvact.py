@@ -13,11 +13,20 @@ until the first evaluation, then of embedding neighbours. See docs/training.md.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from _common import Data, Recipe, main
 
-from gsra_salad.data import CVACT, PairedAugmentation, eval_transform, synthetic, train_transform
+from gsra_salad.data import (
+    CVACT,
+    PairedAugmentation,
+    PairedBatchAugmentation,
+    PreloadedPairs,
+    eval_transform,
+    synthetic,
+    train_transform,
+)
 from gsra_salad.training import PairView, RetrievalTask
 
 
@@ -38,6 +47,8 @@ def write_demo(root, locations, seed, args):
 
 
 def load(args, root, query_size, reference_size, train):
+    if args.demo:  # small images: decode and resize once, augment whole batches in memory
+        return _load_in_memory(args, root, query_size, reference_size, train)
     evaluation = CVACT(
         root,
         args.split,
@@ -47,23 +58,30 @@ def load(args, root, query_size, reference_size, train):
     tasks = [RetrievalTask(args.split, PairView(evaluation, 0), PairView(evaluation, 1))]
     if not train:
         return Data(None, None, tasks, args.split)
-    if args.demo:
-        query_transform, reference_transform = (
-            eval_transform(query_size),
-            eval_transform(reference_size),
-        )
-    else:
-        query_transform = train_transform("ground", query_size)
-        reference_transform = train_transform("satellite", reference_size)
     pairs = CVACT(
         root,
         "train",
-        query_transform=query_transform,
-        reference_transform=reference_transform,
+        query_transform=train_transform("ground", query_size),
+        reference_transform=train_transform("satellite", reference_size),
         pair_transform=PairedAugmentation("panorama"),
     )
     plain = CVACT(root, "train", reference_transform=eval_transform(reference_size))
     return Data(pairs, PairView(plain, 1), tasks, args.split)
+
+
+def _load_in_memory(args, root, query_size, reference_size, train):
+    threads = min(8, os.cpu_count() or 1)
+    evaluation = PreloadedPairs(
+        CVACT(root, args.split), query_size, reference_size, workers=threads
+    )
+    tasks = [RetrievalTask(args.split, evaluation.query_set(), evaluation.reference_set())]
+    if not train:
+        return Data(None, None, tasks, args.split)
+    pairs = PreloadedPairs(CVACT(root, "train"), query_size, reference_size, workers=threads)
+    augmentation = PairedBatchAugmentation(
+        "panorama", brightness=0.2, contrast=0.2, saturation=0.2, channel_gain=0.1
+    )
+    return Data(pairs, pairs.reference_set(), tasks, args.split, augmentation)
 
 
 RECIPE = Recipe(

@@ -13,12 +13,16 @@ buildings stay in the gallery), one JSON line each. See docs/training.md.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from _common import Data, Recipe, main
 
 from gsra_salad.data import (
     PairedAugmentation,
+    PairedBatchAugmentation,
+    PreloadedImages,
+    PreloadedPairs,
     University1652,
     eval_transform,
     synthetic,
@@ -39,7 +43,11 @@ def write_demo(root, locations, seed, args):
 
 
 def load(args, root, query_size, reference_size, train):
+    threads = min(8, os.cpu_count() or 1)
+
     def split(view, size):
+        if args.demo:  # small images: decoded and resized once, held in memory
+            return PreloadedImages(University1652(root, "test", view=view), size, workers=threads)
         return University1652(root, "test", view=view, transform=eval_transform(size))
 
     tasks = [
@@ -63,20 +71,23 @@ def load(args, root, query_size, reference_size, train):
     if not train:
         return Data(None, None, tasks, "test")
     if args.demo:
-        query_transform, reference_transform = (
-            eval_transform(query_size),
-            eval_transform(reference_size),
+        pairs = PreloadedPairs(
+            University1652(root, "train", query_view="drone"),
+            query_size,
+            reference_size,
+            workers=threads,
         )
-    else:
-        query_transform = train_transform("drone", query_size)
-        reference_transform = train_transform("satellite", reference_size)
+        augmentation = PairedBatchAugmentation(
+            "drone", brightness=0.2, contrast=0.2, saturation=0.2, channel_gain=0.1
+        )
+        return Data(pairs, None, tasks, "test", augmentation)
     pairs = University1652(
         root,
         "train",
         query_view="drone",
-        query_transform=query_transform,
-        reference_transform=reference_transform,
-        pair_transform=PairedAugmentation("drone", flip_p=0.5, rotate=args.demo),
+        query_transform=train_transform("drone", query_size),
+        reference_transform=train_transform("satellite", reference_size),
+        pair_transform=PairedAugmentation("drone", flip_p=0.5, rotate=False),
     )
     return Data(pairs, None, tasks, "test")
 
