@@ -13,9 +13,11 @@ hard negatives from embedding neighbours after each evaluation. See docs/trainin
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
+import torch
 from _common import Data, Recipe, main
 
 from gsra_salad.data import (
@@ -24,6 +26,7 @@ from gsra_salad.data import (
     PairedBatchAugmentation,
     PreloadedPairs,
     eval_transform,
+    polar_transform,
     synthetic,
     train_transform,
 )
@@ -58,14 +61,34 @@ def load(args, root, query_size, reference_size, train):
 
 
 def _load_in_memory(args, root, query_size, reference_size, train):
+    """The demo's data: decoded once into memory; the satellite tiles turned into panoramas
+    by the polar transform at loading (as SAFA does), so both views are panoramas of one size
+    (one GSRA serves both); whole batches flipped, rolled and colour-changed together."""
     threads = min(8, os.cpu_count() or 1)
-    val = PreloadedPairs(CVUSA(root, "val"), query_size, reference_size, workers=threads)
-    tasks = [RetrievalTask("val", val.query_set(), val.reference_set())]
+
+    def load_split(split):
+        return PreloadedPairs(
+            CVUSA(root, split),
+            query_size,
+            None,
+            reference_transform=functools.partial(polar_transform, size=reference_size),
+            workers=threads,
+        )
+
+    evaluation = load_split("val")
+    tasks = [RetrievalTask("val", evaluation.query_set(), evaluation.reference_set())]
     if not train:
         return Data(None, None, tasks, "val")
-    pairs = PreloadedPairs(CVUSA(root, "train"), query_size, reference_size, workers=threads)
+    pairs = load_split("train")
     augmentation = PairedBatchAugmentation(
-        "panorama", brightness=0.2, contrast=0.2, saturation=0.2, channel_gain=0.1
+        "polar",
+        flip_p=0.5,
+        rotate=True,
+        brightness=0.2,
+        contrast=0.2,
+        saturation=0.2,
+        channel_gain=0.1,
+        generator=torch.Generator().manual_seed(args.seed),
     )
     return Data(pairs, pairs.reference_set(), tasks, "val", augmentation)
 
@@ -88,16 +111,16 @@ RECIPE = Recipe(
         "demo_locations": None,
     },
     demo={
-        "epochs": 16,
+        "epochs": 6,
         "batch_size": 64,
         "lr": 2e-3,
         "schedule": "cosine",
-        "warmup_epochs": 0.8,
-        "eval_every": 16,
+        "warmup_epochs": 0.3,
+        "eval_every": 6,
         "mining": "none",
         "loss": "infonce",
-        "query_size": (64, 256),
-        "reference_size": (128, 128),
+        "query_size": (32, 128),
+        "reference_size": (32, 128),
         "demo_locations": 500,
     },
     write_demo=write_demo,
