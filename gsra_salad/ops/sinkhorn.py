@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -42,10 +43,14 @@ from ._dispatch import (
     checks_enabled,
     has_forward_grad,
     is_tracing,
+    is_vmapped,
 )
-from ._sinkhorn_fused import _ScalingSinkhorn, _ZeroGradient
+from ._sinkhorn_fused import _ZeroGradient, fused_sinkhorn
 
 __all__ = ["Impl", "dustbin_sinkhorn", "log_sinkhorn"]
+
+_KERNEL = ("M", "N", "", "")  # dimension names in the messages of _check_problem
+_SCORES = ("m", "n", "clusters", "features")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,8 +59,9 @@ __all__ = ["Impl", "dustbin_sinkhorn", "log_sinkhorn"]
 
 
 def _check_num_iters(fn: str, num_iters: int) -> int:
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int):
+    if isinstance(num_iters, bool) or not isinstance(num_iters, numbers.Integral):
         raise TypeError(f"{fn}: num_iters must be an int, got {type(num_iters).__name__}")
+    num_iters = int(num_iters)
     if num_iters < 1:
         raise ValueError(f"{fn}: num_iters must be >= 1, got {num_iters}")
     return num_iters
@@ -70,6 +76,31 @@ def _check_float_tensor(fn: str, name: str, x: object) -> Tensor:
             f"convert it with {name}.float()"
         )
     return x
+
+
+def _check_problem(
+    fn: str, name: str, x: object, num_iters: int, layout: tuple[str, str, str, str]
+) -> tuple[Tensor, int]:
+    """Validation shared by both entry points: ``x`` is a float (B, rows, cols) tensor with
+    rows, cols >= 1 and ``num_iters`` an int >= 1. ``layout = (rows, cols, row_word, col_word)``
+    names the dimensions in the messages. Returns ``(x, num_iters)``."""
+    x = _check_float_tensor(fn, name, x)
+    num_iters = _check_num_iters(fn, num_iters)
+    rows, cols, row_word, col_word = layout
+    if x.dim() != 3:
+        meaning = f" = (batch, {row_word}, {col_word})" if row_word else ""
+        hint = f"; add a batch dimension with {name}.unsqueeze(0)" if x.dim() == 2 else ""
+        raise ValueError(
+            f"{fn}: {name} must have shape (B, {rows}, {cols}){meaning}, "
+            f"got {tuple(x.shape)}{hint}"
+        )
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        row_word, col_word = (f" {row_word}", f" {col_word}") if row_word else ("", "")
+        raise ValueError(
+            f"{fn}: {name} needs {rows} >= 1{row_word} and {cols} >= 1{col_word}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    return x, num_iters
 
 
 def _solve_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -120,11 +151,12 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
-def _make_diagnose(fn: str, kernel_name: str):
+def _make_diagnose(fn: str, kernel_name: str, dustbin: Tensor | None = None):
     """Returns ``diagnose(z, log_a, log_b, potentials)``, raising ValueError on bad input.
 
     With ``potentials=None`` it checks the inputs for NaN / +inf; with ``(u, v)`` it checks the
     final potentials (NaN or +inf there means a row or column could not carry its mass).
+    A ``dustbin`` must be finite (both implementations reject it alike).
     """
 
     def diagnose(z: Tensor, log_a: Tensor, log_b: Tensor, potentials) -> None:
@@ -133,6 +165,12 @@ def _make_diagnose(fn: str, kernel_name: str):
             total = u.sum() + v.sum()  # -inf (zero mass) is legal; NaN / +inf are not
             if not bool(torch.isnan(total) | (total == math.inf)):
                 return
+        if dustbin is not None and not bool(torch.isfinite(dustbin)):
+            raise ValueError(
+                f"{fn}: dustbin must be finite, got {float(dustbin)}. The result does not "
+                "depend on its value, so any finite number works; for SALAD, reset the "
+                "parameter with salad.dust_bin.data.fill_(1.0)"
+            )
         for name, x in ((kernel_name, z), ("log_a", log_a), ("log_b", log_b)):
             nan, pos = torch.isnan(x), torch.isposinf(x)
             if bool(nan.any() | pos.any()):
@@ -166,6 +204,35 @@ def _log_sinkhorn_reference(
         u = log_a - torch.logsumexp(z + v.unsqueeze(-2), dim=-1)
         v = log_b - torch.logsumexp(z + u.unsqueeze(-1), dim=-2)
     return z + u.unsqueeze(-1) + v.unsqueeze(-2), u, v
+
+
+def _solve(
+    impl: str,
+    src: Tensor,
+    log_a: Tensor,
+    log_b: Tensor,
+    num_iters: int,
+    *,
+    dustbin: Tensor | None,
+    shift: float,
+    diagnose,
+) -> Tensor:
+    """Runs the chosen implementation on checked, solve-dtype input; the checks (``diagnose``)
+    run unless tracing, compiling or under ``torch.func.vmap``."""
+    batch = src.shape[0]
+    if batch == 0 or not checks_enabled() or is_vmapped(src, log_a, log_b, dustbin):
+        diagnose = None
+    if impl == "fused" and batch > 0:
+        return fused_sinkhorn(
+            src, log_a, log_b, num_iters, dustbin=dustbin, shift=shift, diagnose=diagnose
+        )
+    z = src
+    if dustbin is not None:
+        z = torch.cat([src, dustbin.expand(batch, 1, src.shape[2])], dim=1)
+    out, u, v = _log_sinkhorn_reference(z, log_a, log_b, num_iters)
+    if diagnose is not None:
+        diagnose(z, log_a, log_b, (u, v))
+    return out + shift if shift else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,18 +280,8 @@ def log_sinkhorn(
         True
     """
     fn = "log_sinkhorn"
-    _check_float_tensor(fn, "log_kernel", log_kernel)
-    num_iters = _check_num_iters(fn, num_iters)
-    if log_kernel.dim() != 3:
-        hint = (
-            "; add a batch dimension with log_kernel.unsqueeze(0)" if log_kernel.dim() == 2 else ""
-        )
-        raise ValueError(
-            f"{fn}: log_kernel must have shape (B, M, N), got {tuple(log_kernel.shape)}{hint}"
-        )
+    log_kernel, num_iters = _check_problem(fn, "log_kernel", log_kernel, num_iters, _KERNEL)
     batch, m, n = log_kernel.shape
-    if m == 0 or n == 0:
-        raise ValueError(f"{fn}: log_kernel needs M >= 1 and N >= 1, got {tuple(log_kernel.shape)}")
     log_a = _marginal(fn, "log_a", log_a, batch, m, "M", log_kernel)
     log_b = _marginal(fn, "log_b", log_b, batch, n, "N", log_kernel)
     impl = _resolve_impl(fn, impl, log_kernel, log_a, log_b)
@@ -232,12 +289,7 @@ def log_sinkhorn(
     diagnose = _make_diagnose(fn, "log_kernel")
     with _no_autocast(log_kernel.device):
         z, la, lb = log_kernel.to(dtype), log_a.to(dtype), log_b.to(dtype)
-        if impl == "fused" and batch > 0:
-            out = _ScalingSinkhorn.apply(z, la, lb, num_iters, None, diagnose, 0.0)
-        else:
-            out, u, v = _log_sinkhorn_reference(z, la, lb, num_iters)
-            if batch > 0 and checks_enabled():
-                diagnose(z, la, lb, (u, v))
+        out = _solve(impl, z, la, lb, num_iters, dustbin=None, shift=0.0, diagnose=diagnose)
     return out.to(log_kernel.dtype)
 
 
@@ -319,17 +371,8 @@ def dustbin_sinkhorn(
         True
     """
     fn = "dustbin_sinkhorn"
-    _check_float_tensor(fn, "scores", scores)
-    num_iters = _check_num_iters(fn, num_iters)
-    if scores.dim() != 3:
-        hint = "; add a batch dimension with scores.unsqueeze(0)" if scores.dim() == 2 else ""
-        raise ValueError(
-            f"{fn}: scores must have shape (B, m, n) = (batch, clusters, features), "
-            f"got {tuple(scores.shape)}{hint}"
-        )
+    scores, num_iters = _check_problem(fn, "scores", scores, num_iters, _SCORES)
     batch, m, n = scores.shape
-    if m == 0 or n == 0:
-        raise ValueError(f"{fn}: scores needs m >= 1 clusters and n >= 1 features, got {(m, n)}")
     if n < m and not balanced:
         raise ValueError(
             f"{fn}: got n={n} local features for m={m} clusters, but the dustbin marginal "
@@ -344,22 +387,20 @@ def dustbin_sinkhorn(
     )
     log_a, log_b = log_a.expand(batch, m + 1), log_b.expand(batch, n)
     if dustbin.requires_grad and torch.is_grad_enabled() and not is_tracing():
-        dustbin = _ZeroGradient.apply(dustbin)
-    diagnose = _make_diagnose(fn, "scores")
+        dustbin = _ZeroGradient.apply(dustbin)  # exact zero gradient: docs/derivations.md §2
     with _no_autocast(scores.device):
         s, z = scores.to(dtype), dustbin.to(dtype)
-        if impl == "fused" and batch > 0:
-            out = _ScalingSinkhorn.apply(s, log_a, log_b, num_iters, z, diagnose, -norm)
-        else:
-            kernel = torch.cat([s, z.expand(batch, 1, n)], dim=1)
-            out, u, v = _log_sinkhorn_reference(kernel, log_a, log_b, num_iters)
-            if batch > 0 and checks_enabled():
-                diagnose(kernel, log_a, log_b, (u, v))
-            out = out - norm
+        diagnose = _make_diagnose(fn, "scores", z)
+        out = _solve(impl, s, log_a, log_b, num_iters, dustbin=z, shift=-norm, diagnose=diagnose)
     return out.to(scores.dtype)
 
 
-def _dustbin_tensor(fn: str, dustbin: Tensor | float, scores: Tensor) -> Tensor:
+def _dustbin_tensor(fn: str, dustbin: object, scores: Tensor) -> Tensor:
+    """The dustbin as a 0-dim floating tensor on ``scores``' device.
+
+    Takes a tensor with one element, a real number (Python or NumPy scalar) or a one-element
+    NumPy array.
+    """
     if isinstance(dustbin, Tensor):
         if dustbin.numel() != 1:
             raise ValueError(
@@ -369,7 +410,9 @@ def _dustbin_tensor(fn: str, dustbin: Tensor | float, scores: Tensor) -> Tensor:
         if not dustbin.is_floating_point():
             dustbin = dustbin.to(scores.dtype)
         return dustbin.reshape(()).to(scores.device)
-    if isinstance(dustbin, (int, float)) and not isinstance(dustbin, bool):
+    if getattr(dustbin, "__array__", None) is not None and getattr(dustbin, "size", 0) == 1:
+        dustbin = dustbin.reshape(()).item()  # NumPy array or scalar with one element
+    if isinstance(dustbin, numbers.Real) and not isinstance(dustbin, bool):
         return torch.tensor(float(dustbin), dtype=scores.dtype, device=scores.device)
     raise TypeError(
         f"{fn}: dustbin must be a float or a 0-dim tensor, got {type(dustbin).__name__}"
