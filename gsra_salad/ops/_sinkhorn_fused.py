@@ -42,9 +42,8 @@ DOUBLE_BACKWARD_ERROR = (
     "SALAD(..., impl='reference')) for higher-order derivatives"
 )
 FORWARD_AD_ERROR = (
-    "the fused Sinkhorn has no forward-mode derivative (torch.func.jvp / jacfwd / hessian, "
-    "dual tensors); pass impl='reference' to dustbin_sinkhorn / log_sinkhorn (or "
-    "SALAD(..., impl='reference'))"
+    "the fused Sinkhorn has no forward-mode derivative (torch.func.jvp / jacfwd / hessian); "
+    "pass impl='reference' to dustbin_sinkhorn / log_sinkhorn (or SALAD(..., impl='reference'))"
 )
 
 
@@ -216,7 +215,7 @@ class _ScalingSinkhorn(torch.autograd.Function):
         return d_z, d_a, d_b, None, d_dustbin, None
 
     @staticmethod
-    def jvp(ctx, *tangents):
+    def jvp(ctx, *tangents):  # never traced by dynamo: compile takes the log domain
         raise RuntimeError(FORWARD_AD_ERROR)
 
     @staticmethod
@@ -338,6 +337,18 @@ class _LogDomainSinkhorn(torch.autograd.Function):
         return d_z, d_a, d_b, None, None
 
     @staticmethod
+    def vmap(info, in_dims, z, log_a, log_b, num_iters, shift):
+        v = info.batch_size
+        z, log_a, log_b = _fold(v, in_dims, (z, log_a, log_b), (0, 1, 2))
+        out = _LogDomainSinkhorn.apply(z, log_a, log_b, num_iters, shift)
+        return tuple(_unfold(v, x) for x in out), (0, 0, 0)
+
+
+class _LogDomainSinkhornEager(_LogDomainSinkhorn):
+    """:class:`_LogDomainSinkhorn` with a forward-mode rule that raises a clear error (dynamo
+    cannot trace a Function that defines ``jvp``, so compiled code uses the parent)."""
+
+    @staticmethod
     def jvp(ctx, *tangents):
         raise RuntimeError(FORWARD_AD_ERROR)
 
@@ -345,7 +356,7 @@ class _LogDomainSinkhorn(torch.autograd.Function):
     def vmap(info, in_dims, z, log_a, log_b, num_iters, shift):
         v = info.batch_size
         z, log_a, log_b = _fold(v, in_dims, (z, log_a, log_b), (0, 1, 2))
-        out = _LogDomainSinkhorn.apply(z, log_a, log_b, num_iters, shift)
+        out = _LogDomainSinkhornEager.apply(z, log_a, log_b, num_iters, shift)
         return tuple(_unfold(v, x) for x in out), (0, 0, 0)
 
 
@@ -439,7 +450,8 @@ def fused_sinkhorn(
     ``src``/``dustbin``/``shift`` as in :class:`_ScalingSinkhorn`. ``diagnose(z, log_a, log_b,
     potentials)`` (None: no checks) raises a clear error for input that no solver can serve.
     """
-    if not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
         out, _, ok = _ScalingSinkhorn.apply(src, log_a, log_b, num_iters, dustbin, shift)
         if diagnose is not None and dustbin is not None:
             ok = ok & torch.isfinite(dustbin)
@@ -450,7 +462,8 @@ def fused_sinkhorn(
         z = torch.cat([src, dustbin.expand(src.shape[0], 1, src.shape[2])], dim=1)
     if diagnose is not None:
         diagnose(z, log_a, log_b, None)
-    out, us, vs = _LogDomainSinkhorn.apply(z, log_a, log_b, num_iters, shift)
+    log_domain = _LogDomainSinkhorn if compiling else _LogDomainSinkhornEager
+    out, us, vs = log_domain.apply(z, log_a, log_b, num_iters, shift)
     if diagnose is not None:
         diagnose(z, log_a, log_b, (us[:, -1], vs[:, -1]))
     return out

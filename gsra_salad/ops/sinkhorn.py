@@ -167,7 +167,7 @@ def _make_diagnose(fn: str, kernel_name: str, dustbin: Tensor | None = None):
                 return
         if dustbin is not None and not bool(torch.isfinite(dustbin)):
             raise ValueError(
-                f"{fn}: dustbin must be finite, got {float(dustbin)}. The result does not "
+                f"{fn}: dustbin must be finite, got {float(dustbin.detach())}. The result does not "
                 "depend on its value, so any finite number works; for SALAD, reset the "
                 "parameter with salad.dust_bin.data.fill_(1.0)"
             )
