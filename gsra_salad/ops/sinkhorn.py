@@ -91,8 +91,7 @@ def _check_problem(
         meaning = f" = (batch, {row_word}, {col_word})" if row_word else ""
         hint = f"; add a batch dimension with {name}.unsqueeze(0)" if x.dim() == 2 else ""
         raise ValueError(
-            f"{fn}: {name} must have shape (B, {rows}, {cols}){meaning}, "
-            f"got {tuple(x.shape)}{hint}"
+            f"{fn}: {name} must have shape (B, {rows}, {cols}){meaning}, got {tuple(x.shape)}{hint}"
         )
     if x.shape[1] == 0 or x.shape[2] == 0:
         row_word, col_word = (f" {row_word}", f" {col_word}") if row_word else ("", "")
