@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,15 +124,132 @@ def test_aggregation_is_the_assignment_weighted_sum():
     torch.testing.assert_close(salad(x)[0], want)
 
 
-def test_autocast_and_compile():
+def test_autocast():
     salad = SALAD(32, 8, 4, token_dim=0).eval()
     x = torch.randn(2, 32, 4, 4)
     want = salad(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = salad(x)
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.02)
-    compiled = torch.compile(salad)
-    torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("mode", "backend"), [("eval", "inductor"), ("train", "aot_eager")])
+def test_compile_fullgraph_matches_eager(mode, backend):
+    """fullgraph=True: no graph break anywhere (it raises at the first). Train compiles forward
+    and backward; it uses the aot_eager backend (dynamo + AOTAutograd, the parts a graph break
+    or an untraceable autograd.Function would fail) to keep the test fast on small machines."""
+    torch._dynamo.reset()
+    salad = SALAD(16, 4, 2, token_dim=8, dropout=0.0)
+    getattr(salad, mode)()
+    x = (torch.randn(2, 16, 3, 3), torch.randn(2, 16))
+    w = torch.randn(2, salad.output_dim)
+    compiled = torch.compile(salad, fullgraph=True, backend=backend)
+    got = compiled(x)
+    want = salad(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if mode == "train":
+        params = list(salad.parameters())
+        g_got = torch.autograd.grad((got * w).sum(), params)
+        g_want = torch.autograd.grad((want * w).sum(), params)
+        for name, a, b in zip(dict(salad.named_parameters()), g_got, g_want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "auto"])
+def test_torch_func_grad_and_vmap(impl):
+    salad = SALAD(16, 4, 2, token_dim=0, dropout=0.0, impl=impl).double()
+    params = dict(salad.named_parameters())
+    x = torch.randn(3, 16, 3, 3, dtype=torch.float64)
+    w = torch.randn(3, salad.output_dim, dtype=torch.float64)
+
+    def loss(p):
+        return (torch.func.functional_call(salad, p, (x,)) * w).sum()
+
+    grads = torch.func.grad(loss)(params)
+    want = torch.autograd.grad(loss(params), list(params.values()))
+    for (name, g), g_want in zip(grads.items(), want):
+        torch.testing.assert_close(g, g_want, msg=name)
+    assert grads["dust_bin"].item() == 0.0
+    per_sample = torch.func.vmap(lambda xi: salad(xi[None])[0])(x)
+    torch.testing.assert_close(per_sample, salad(x))
+
+
+def test_impl_is_validated_on_assignment(monkeypatch):
+    import gsra_salad.layers.salad as salad_module
+
+    salad = SALAD(16, 4, 2, token_dim=0)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        salad.impl = "referense"
+    assert salad.impl == "auto"
+    seen = []
+
+    def spy(*args, impl, **kwargs):
+        seen.append(impl)
+        return dustbin_sinkhorn(*args, impl=impl, **kwargs)
+
+    monkeypatch.setattr(salad_module, "dustbin_sinkhorn", spy)
+    salad.impl = "reference"
+    salad(torch.randn(1, 16, 3, 3))
+    assert seen == ["reference"]
+    assert "impl='reference'" in repr(salad)
+
+
+def test_numpy_arguments_and_constructor_arguments_kept_as_attributes():
+    np = pytest.importorskip("numpy")
+    args = dict(
+        num_channels=np.int64(16),
+        num_clusters=np.int32(4),
+        cluster_dim=np.int64(2),
+        token_dim=np.int64(0),
+        dropout=np.float32(0.25),
+        sinkhorn_iters=np.int64(3),
+        impl="fused",
+    )
+    salad = SALAD(**args)
+    assert salad(torch.randn(2, 16, 3, 3)).shape == (2, 8)
+    for name, value in args.items():
+        kept = getattr(salad, name)
+        assert kept == value and type(kept) is type(value if name == "impl" else value.item())
+    rebuilt = SALAD(**{name: getattr(salad, name) for name in args})
+    assert repr(rebuilt) == repr(salad)
+    with pytest.raises(TypeError, match="num_clusters must be an int, got float"):
+        SALAD(16, 4.0, 2)
+    with pytest.raises(TypeError, match="dropout must be a float"):
+        SALAD(16, 4, 2, dropout="0.1")
+    with pytest.raises(ValueError, match="token_dim must be >= 0"):
+        SALAD(16, 4, 2, token_dim=-1)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "auto"])
+@pytest.mark.parametrize("where", ["token", "features"])
+@pytest.mark.parametrize(("bad", "kind"), [(math.nan, "NaN"), (math.inf, "inf")])
+def test_non_finite_input_is_rejected(impl, where, bad, kind):
+    salad = SALAD(16, 4, 2, token_dim=8, impl=impl).eval()
+    features, token = torch.randn(2, 16, 3, 3), torch.randn(2, 16)
+    if where == "token":
+        token[1, 5] = bad
+        index = r"\(1, 5\)"
+    else:
+        features[1, 2, 0, 1] = bad
+        index = r"\(1, 2, 0, 1\)"
+    with pytest.raises(
+        ValueError, match=rf"SALAD: {where} contains {kind} \(first at index {index}"
+    ):
+        salad((features, token))
+    with torch.no_grad():
+        salad.dust_bin.fill_(math.nan)
+    with pytest.raises(ValueError, match=r"dustbin must be finite.*dust_bin"):
+        salad((torch.randn(2, 16, 3, 3), torch.randn(2, 16)))
+
+
+def test_einops_is_used_by_the_package():
+    """einops is a required dependency: importing the package must import it."""
+    import subprocess
+    import sys
+
+    code = "import sys, gsra_salad; print('einops' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
 
 
 def test_bad_input_raises_clear_errors():
