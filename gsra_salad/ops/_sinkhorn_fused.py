@@ -77,7 +77,8 @@ def _q(q: Tensor, beta: Tensor, dustbin_row: bool) -> Tensor:
 def _scaling_iterates(
     q: Tensor, a: Tensor, b: Tensor, num_iters: int, dustbin_row: bool
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """Runs the recursion; returns ``alpha_1..K``, ``beta_1..K``, ``r_2..K``, ``c_1..K``."""
+    """Runs the recursion (docs/derivations.md section 1.2); returns ``alpha_1..K``,
+    ``beta_1..K``, ``r_2..K``, ``c_1..K``."""
     alphas, betas, rs, cs = [a], [], [], []
     alpha = a
     for t in range(num_iters):
@@ -93,7 +94,8 @@ def _scaling_iterates(
 
 
 def _scalings_ok(alphas: list[Tensor], betas: list[Tensor], rs: list[Tensor], cs: list[Tensor]):
-    """One boolean tensor: every denominator in (tiny/eps, inf) and the final scalings finite."""
+    """One boolean tensor: every denominator in (tiny/eps, inf) and the final scalings finite
+    (the guard of docs/derivations.md section 1.3)."""
     dens = rs + cs
     lo = torch.stack([d.amin() for d in dens]).amin()
     hi = torch.stack([d.amax() for d in dens]).amax()
@@ -136,7 +138,10 @@ def scaling_forward(
 def scaling_backward(
     grad: Tensor, q: Tensor, log_a: Tensor, log_b: Tensor, num_iters: int, dustbin_row: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact backward of :func:`scaling_forward`: ``(d log_kernel rows of Q, d log_a, d log_b)``."""
+    """Exact backward of :func:`scaling_forward`: ``(d log_kernel rows of Q, d log_a, d log_b)``.
+
+    The adjoint recursion and the rank-2K assembly of docs/derivations.md section 1.4.
+    """
     a, b = log_a.exp(), log_b.exp()
     alphas, betas, rs, cs = _scaling_iterates(q, a, b, num_iters, dustbin_row)
     rows = q.shape[1]
@@ -281,7 +286,8 @@ def log_domain_forward(
 def log_domain_backward(
     grad: Tensor, z: Tensor, us: Tensor, vs: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact backward of :func:`log_domain_forward`, recomputing one softmax per half-step."""
+    """Exact backward of :func:`log_domain_forward`, recomputing one softmax per half-step
+    (docs/derivations.md section 1.5)."""
     d_z = grad.clone()
     d_u = grad.sum(-1)
     d_v = grad.sum(-2)

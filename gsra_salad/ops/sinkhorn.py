@@ -7,24 +7,34 @@ Two implementations sit behind every function, chosen by ``impl``:
     batch-size-1 ``squeeze`` bug). The oracle of the tests and the fallback for everything
     autograd can do: double backward, forward-mode AD, tracing and export.
 ``"fused"``
-    A ``torch.autograd.Function`` in pure torch (any device). The forward solves the scaling
+    ``torch.autograd.Function`` s in pure torch (any device). The forward solves the scaling
     form of the iterations (one softmax and ``2K - 1`` matrix-vector products) and saves only
-    the row-softmax of the kernel; the backward is the exact gradient of the K-step map.
-    Where the scalings would leave floating-point range it solves the same call in the log
-    domain instead (still saving only the kernel and the potentials). Its backward is not
-    differentiable (double backward raises; use ``"reference"``).
+    the row-softmax of the kernel; the backward is the exact gradient of the K-step map
+    (docs/derivations.md section 1). Where the scalings would leave floating-point range it
+    solves the same call in the log domain instead (still saving only the kernel and the
+    potentials). Its backward is not differentiable: double backward and forward-mode AD raise
+    a ``RuntimeError`` that says to use ``"reference"``.
 ``"auto"`` (default)
-    ``"fused"``, except under forward-mode AD (dual tensors), ``torch.jit`` tracing/scripting,
-    ONNX export and ``torch.export``, where it takes ``"reference"``.
+    ``"fused"``, except under forward-mode AD (dual tensors, ``torch.func.jvp``),
+    ``torch.jit`` tracing/scripting, ONNX export and ``torch.export``, where it takes
+    ``"reference"``.
+
+Composability: ``torch.func.grad``, ``vmap`` and ``jacrev`` work with every ``impl`` (the fused
+Functions fold a vmapped dimension into the batch dimension). ``torch.compile(...,
+fullgraph=True)`` traces forward and backward without graph breaks; under compile the fused
+path solves in the log domain directly, because the scaling form's guard is a data-dependent
+branch that a full graph cannot hold (same values; the scaling form's speed is an eager-mode
+gain).
 
 Inputs in float16/bfloat16 (or under ``torch.autocast``) are solved in float32 and returned in
 the input dtype.
 
 Bad input never turns into a silent NaN: NaN or ``+inf`` anywhere in the kernel or marginals,
-and a row or column with positive mass whose kernel entries are all ``-inf``, raise
-``ValueError``. The check costs nothing on the fused path (its range guard already reduces the
-scalings) and one reduction over the (B, M + N) potentials on the reference path, plus one
-host synchronisation per call. It is skipped while tracing, exporting or compiling.
+a non-finite dustbin, and a row or column with positive mass whose kernel entries are all
+``-inf``, raise ``ValueError``. The check costs nothing on the fused path (its range guard
+already reduces the scalings) and one reduction over the (B, M + N) potentials on the
+reference path, plus one host synchronisation per call. It is skipped while tracing,
+exporting, compiling and under ``torch.func.vmap`` (where a data-dependent check cannot run).
 """
 
 from __future__ import annotations
@@ -342,14 +352,15 @@ def dustbin_sinkhorn(
 
     The result does not depend on the dustbin value (the first row update cancels the constant
     row), so ``dustbin`` receives an exact zero gradient; it stays in the autograd graph, so
-    DistributedDataParallel does not report it as unused.
+    DistributedDataParallel does not report it as unused (docs/derivations.md section 2).
 
     ``n == m`` is legal: the dustbin gets no mass and its row is ``-inf``. ``n < m`` makes the
     published marginals negative and raises, unless ``balanced=True``.
 
     Args:
         scores: (B, m, n) cluster-feature scores.
-        dustbin: the dustbin score, a 0-dim tensor (e.g. a learnable parameter) or a float.
+        dustbin: the dustbin score: a one-element tensor (e.g. a learnable parameter), a
+            Python or NumPy real number, or a one-element NumPy array. Must be finite.
         num_iters: Sinkhorn iterations K (>= 1); SALAD uses 3.
         impl: ``"auto"``, ``"fused"`` or ``"reference"`` (see the module docs).
         balanced: use the balanced marginals of :func:`dustbin_marginals`, defined for n < m.
@@ -359,7 +370,8 @@ def dustbin_sinkhorn(
 
     Raises:
         TypeError: non-tensor or non-floating scores, non-integer ``num_iters``.
-        ValueError: wrong shapes, ``n < m`` without ``balanced``, NaN or +inf scores.
+        ValueError: wrong shapes, ``n < m`` without ``balanced``, NaN or +inf scores, a
+            non-finite dustbin.
 
     Example:
         >>> scores = torch.randn(2, 3, 8)
