@@ -34,6 +34,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._dispatch import is_tracing
+
 __all__: list[str] = []
 
 DOUBLE_BACKWARD_ERROR = (
@@ -179,6 +181,14 @@ def scaling_backward(
     return d_z, d_log_a, d_log_b
 
 
+def _differentiable_backward() -> bool:
+    """Whether a backward must record its graph (``create_graph=True``, ``torch.func``): then
+    it runs as a Function whose backward raises a clear error. Otherwise (plain ``backward()``,
+    or under compile, where dynamo traces the backward) the adjoint runs directly, which
+    saves a Function call."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 class _ScalingSinkhorn(torch.autograd.Function):
     """Scaling-form Sinkhorn: ``(log plan + shift, Q, ok)``; the plan is valid where ``ok``.
 
@@ -212,10 +222,10 @@ class _ScalingSinkhorn(torch.autograd.Function):
             return None, None, None, None, None, None
         q, log_a, log_b = ctx.saved_tensors
         args = (grad, q, log_a, log_b, ctx.num_iters, ctx.dustbin_row)
-        if torch.compiler.is_compiling():
-            d_z, d_a, d_b = scaling_backward(*args)
-        else:
+        if _differentiable_backward():
             d_z, d_a, d_b = _ScalingBackward.apply(*args)
+        else:
+            d_z, d_a, d_b = scaling_backward(*args)
         d_dustbin = grad.new_zeros(()) if ctx.needs_input_grad[4] else None
         return d_z, d_a, d_b, None, d_dustbin, None
 
@@ -227,7 +237,7 @@ class _ScalingSinkhorn(torch.autograd.Function):
     def vmap(info, in_dims, src, log_a, log_b, num_iters, dustbin, shift):
         v = info.batch_size
         src, log_a, log_b, dustbin = _fold(v, in_dims, (src, log_a, log_b, dustbin), (0, 1, 2, 4))
-        out, q, ok = _ScalingSinkhorn.apply(src, log_a, log_b, num_iters, dustbin, shift)
+        out, q, ok = _apply(_ScalingSinkhorn, src, log_a, log_b, num_iters, dustbin, shift)
         return (_unfold(v, out), _unfold(v, q), ok), (0, 0, None)
 
 
@@ -336,17 +346,17 @@ class _LogDomainSinkhorn(torch.autograd.Function):
         if grad is None:
             return None, None, None, None, None
         z, us, vs = ctx.saved_tensors
-        if torch.compiler.is_compiling():
-            d_z, d_a, d_b = log_domain_backward(grad, z, us, vs)
-        else:
+        if _differentiable_backward():
             d_z, d_a, d_b = _LogDomainBackward.apply(grad, z, us, vs)
+        else:
+            d_z, d_a, d_b = log_domain_backward(grad, z, us, vs)
         return d_z, d_a, d_b, None, None
 
     @staticmethod
     def vmap(info, in_dims, z, log_a, log_b, num_iters, shift):
         v = info.batch_size
         z, log_a, log_b = _fold(v, in_dims, (z, log_a, log_b), (0, 1, 2))
-        out = _LogDomainSinkhorn.apply(z, log_a, log_b, num_iters, shift)
+        out = _apply(_LogDomainSinkhorn, z, log_a, log_b, num_iters, shift)
         return tuple(_unfold(v, x) for x in out), (0, 0, 0)
 
 
@@ -362,7 +372,7 @@ class _LogDomainSinkhornEager(_LogDomainSinkhorn):
     def vmap(info, in_dims, z, log_a, log_b, num_iters, shift):
         v = info.batch_size
         z, log_a, log_b = _fold(v, in_dims, (z, log_a, log_b), (0, 1, 2))
-        out = _LogDomainSinkhornEager.apply(z, log_a, log_b, num_iters, shift)
+        out = _apply(_LogDomainSinkhornEager, z, log_a, log_b, num_iters, shift)
         return tuple(_unfold(v, x) for x in out), (0, 0, 0)
 
 
@@ -409,6 +419,43 @@ class _ZeroGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         return torch.zeros_like(grad)
+
+
+def _plain_twin(cls: type) -> type:
+    """The same Function written in the ``forward(ctx, ...)`` style.
+
+    ``Function.apply`` binds the arguments of a ``setup_context`` Function with
+    ``inspect.signature`` on every call (tens of microseconds); outside ``torch.func``
+    transforms and compile, where ``setup_context`` is not needed, :func:`_apply` runs the twin.
+    """
+
+    def forward(ctx, *args):
+        output = cls.forward(*args)
+        cls.setup_context(ctx, args, output)
+        return output
+
+    body = {"forward": staticmethod(forward), "backward": staticmethod(cls.backward)}
+    return type(f"{cls.__name__}Plain", (torch.autograd.Function,), body)
+
+
+_TWINS: dict[type, type] = {}
+
+
+def _apply(cls: type, *args):
+    """``cls.apply(*args)``, through the plain twin where no transform needs ``setup_context``."""
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return cls.apply(*args)
+    twin = _TWINS.get(cls)
+    if twin is None:
+        twin = _TWINS[cls] = _plain_twin(cls)
+    return twin.apply(*args)
+
+
+def zero_gradient(x: Tensor) -> Tensor:
+    """``x`` with an exact zero gradient, kept in the autograd graph (:class:`_ZeroGradient`)."""
+    if x.requires_grad and torch.is_grad_enabled() and not is_tracing():
+        return _apply(_ZeroGradient, x)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,18 +505,18 @@ def fused_sinkhorn(
     """
     compiling = torch.compiler.is_compiling()
     if not compiling:
-        out, _, ok = _ScalingSinkhorn.apply(src, log_a, log_b, num_iters, dustbin, shift)
+        out, _, ok = _apply(_ScalingSinkhorn, src, log_a, log_b, num_iters, dustbin, shift)
         if diagnose is not None and dustbin is not None:
             ok = ok & torch.isfinite(dustbin)
         if bool(ok):
             return out
     z = src
     if dustbin is not None:
-        z = torch.cat([src, dustbin.expand(src.shape[0], 1, src.shape[2])], dim=1)
+        z = torch.cat([src, zero_gradient(dustbin).expand(src.shape[0], 1, src.shape[2])], 1)
     if diagnose is not None:
         diagnose(z, log_a, log_b, None)
     log_domain = _LogDomainSinkhorn if compiling else _LogDomainSinkhornEager
-    out, us, vs = log_domain.apply(z, log_a, log_b, num_iters, shift)
+    out, us, vs = _apply(log_domain, z, log_a, log_b, num_iters, shift)
     if diagnose is not None:
         diagnose(z, log_a, log_b, (us[:, -1], vs[:, -1]))
     return out

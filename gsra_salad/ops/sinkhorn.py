@@ -55,7 +55,7 @@ from ._dispatch import (
     is_tracing,
     is_vmapped,
 )
-from ._sinkhorn_fused import _ZeroGradient, fused_sinkhorn
+from ._sinkhorn_fused import fused_sinkhorn, zero_gradient
 
 __all__ = ["Impl", "dustbin_sinkhorn", "log_sinkhorn"]
 
@@ -236,8 +236,8 @@ def _solve(
             src, log_a, log_b, num_iters, dustbin=dustbin, shift=shift, diagnose=diagnose
         )
     z = src
-    if dustbin is not None:
-        z = torch.cat([src, dustbin.expand(batch, 1, src.shape[2])], dim=1)
+    if dustbin is not None:  # exact zero gradient for the inert value: docs/derivations.md §2
+        z = torch.cat([src, zero_gradient(dustbin).expand(batch, 1, src.shape[2])], dim=1)
     out, u, v = _log_sinkhorn_reference(z, log_a, log_b, num_iters)
     if diagnose is not None:
         diagnose(z, log_a, log_b, (u, v))
@@ -397,8 +397,6 @@ def dustbin_sinkhorn(
         m, n, balanced=balanced, dtype=dtype, device=scores.device
     )
     log_a, log_b = log_a.expand(batch, m + 1), log_b.expand(batch, n)
-    if dustbin.requires_grad and torch.is_grad_enabled() and not is_tracing():
-        dustbin = _ZeroGradient.apply(dustbin)  # exact zero gradient: docs/derivations.md §2
     with _no_autocast(scores.device):
         s, z = scores.to(dtype), dustbin.to(dtype)
         diagnose = _make_diagnose(fn, "scores", z)
