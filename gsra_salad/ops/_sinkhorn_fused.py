@@ -182,11 +182,14 @@ def scaling_backward(
 
 
 def _differentiable_backward() -> bool:
-    """Whether a backward must record its graph (``create_graph=True``, ``torch.func``): then
-    it runs as a Function whose backward raises a clear error. Otherwise (plain ``backward()``,
-    or under compile, where dynamo traces the backward) the adjoint runs directly, which
-    saves a Function call."""
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    """Whether a backward runs as a Function: when it records a graph (``create_graph=True``;
+    its backward then raises a clear error) or runs under a ``torch.func`` transform (e.g.
+    vmapped by ``jacrev``; its vmap rule serves it). Otherwise
+    (plain ``backward()``, or under compile, where dynamo traces the backward) the adjoint
+    runs directly, which saves a Function call."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
 
 
 class _ScalingSinkhorn(torch.autograd.Function):
