@@ -19,21 +19,14 @@ from torch import nn
 
 from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention
 from gsra_salad.models import TinyCNN
+from tests._helpers import randomise_norms
 
 AMP = torch.bfloat16
 OUT_TOL = dict(rtol=5e-2, atol=5e-2)
 
 
 def _randomise(module: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.5)
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return module
+    return randomise_norms(module, std=0.5)
 
 
 def _set_impl(module: nn.Module, impl: str) -> nn.Module:

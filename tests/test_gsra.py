@@ -5,29 +5,16 @@ import torch
 from torch import nn
 
 from gsra_salad import GlobalSpatialRelationAttention
-from tests._helpers import DEVICES, SavedBytes
+from tests._helpers import DEVICES, SavedBytes, randomise_norms
 
 # float32 tolerances for the whole block (two BatchNorms over a rank-Ci reduction)
 TOL32 = dict(rtol=2e-4, atol=2e-5)
 TOL64 = dict(rtol=1e-9, atol=1e-10)
 
 
-def _randomise(module: nn.Module) -> nn.Module:
-    """Non-trivial affine parameters and running statistics, so that eval mode is tested."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-    return module
-
-
 def _pair(channels, size, groups, dtype=torch.float64, device="cpu"):
     ref = GlobalSpatialRelationAttention(channels, size, groups, impl="reference")
-    ref = _randomise(ref).to(device=device, dtype=dtype)
+    ref = randomise_norms(ref).to(device=device, dtype=dtype)
     fused = copy.deepcopy(ref)
     fused.impl = "fused"
     return ref, fused
@@ -220,7 +207,7 @@ class _PublishedGSRA(nn.Module):
 @pytest.mark.parametrize("impl", ["reference", "fused"])
 @pytest.mark.parametrize("training", [True, False])
 def test_published_state_dict_loads_strictly_and_gives_published_outputs(impl, training):
-    published = _randomise(_PublishedGSRA(64, 36, ratio=8)).double().train(training)
+    published = randomise_norms(_PublishedGSRA(64, 36, ratio=8)).double().train(training)
     ours = GlobalSpatialRelationAttention(64, (6, 6), groups=8, impl=impl).double()
     ours.load_state_dict(published.state_dict(), strict=True)
     ours.train(training)

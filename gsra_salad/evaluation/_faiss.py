@@ -10,24 +10,13 @@ the built-in backend.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from .._optional import require
 from ._search import Positions, auto_chunk_size, positions_from_scores
 
 _COUNT_BY_COMPARISON = 16
-
-
-def require(module: str, extra: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ImportError(
-            f"{module} is needed here; install it with pip install 'gsra-salad[{extra}]'"
-        ) from error
 
 
 def _as_numpy(x: Tensor):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from .._optional import require
 
 __all__ = ["FALSE_COLOUR", "TRUE_COLOUR", "save_retrieval_grid"]
 
@@ -20,12 +21,7 @@ BACKGROUND = (255, 255, 255)
 
 
 def _pillow() -> Any:
-    try:
-        return importlib.import_module("PIL.Image")
-    except ImportError as error:
-        raise ImportError(
-            "save_retrieval_grid needs Pillow; install it with pip install 'gsra-salad[data]'"
-        ) from error
+    return require("PIL.Image", "data")
 
 
 def _to_uint8_hwc(image: Any, mean, std) -> np.ndarray:
