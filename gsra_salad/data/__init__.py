@@ -9,6 +9,7 @@ from . import synthetic
 from .cvact import CVACT
 from .cvusa import CVUSA
 from .geometry import haversine_m, nearest_neighbours, polar_transform, rotate_pair
+from .preload import PairedBatchAugmentation, PreloadedImages, PreloadedPairs
 from .samplers import NeighbourBatchSampler, UniqueLabelBatchSampler
 from .transforms import (
     IMAGENET_MEAN,
@@ -26,6 +27,9 @@ __all__ = [
     "IMAGENET_STD",
     "NeighbourBatchSampler",
     "PairedAugmentation",
+    "PairedBatchAugmentation",
+    "PreloadedImages",
+    "PreloadedPairs",
     "UniqueLabelBatchSampler",
     "University1652",
     "eval_transform",

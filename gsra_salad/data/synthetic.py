@@ -27,7 +27,9 @@ Example:
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +154,52 @@ def _save(array: np.ndarray, path: Path) -> None:
     image_module.fromarray(array).save(path, quality=92)
 
 
+# The writers run their per-location work in forked worker processes (one per core, at most
+# _MAX_WORKERS) once there are _PARALLEL_MIN locations: every location has its own seeded
+# generator and its own files, so the files are the same as with one process.
+_PARALLEL_MIN = 64
+_MAX_WORKERS = 4
+_TASK: Callable[[int], None] | None = None
+
+
+def _run_task(index: int) -> None:
+    assert _TASK is not None
+    _TASK(index)
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # as DataLoader workers: no OpenMP pool inherited across fork
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _parallel(task: Callable[[int], None], count: int) -> None:
+    """Runs ``task(i)`` for ``i`` in ``range(count)``, in forked processes where that pays."""
+    global _TASK
+    workers = min(_cores(), _MAX_WORKERS, count)
+    if (
+        count < _PARALLEL_MIN
+        or workers < 2
+        or "fork" not in multiprocessing.get_all_start_methods()
+    ):
+        for i in range(count):
+            task(i)
+        return
+    _TASK = task  # the forked workers inherit it; closures need no pickling
+    try:
+        context = multiprocessing.get_context("fork")
+        with context.Pool(workers, initializer=_worker_init) as pool:
+            for _ in pool.imap_unordered(_run_task, range(count), chunksize=16):
+                pass
+    finally:
+        _TASK = None
+
+
 @dataclass
 class _Views:
     tile_size: int
@@ -186,14 +234,18 @@ def write_cvusa(
     root = Path(root)
     views = _Views(tile_size, pano_size, tile_size)
     rngs = _rngs(seed, num_train + num_val)
-    rows = []
-    for i, rng in enumerate(rngs, start=1):
+    rows = [
+        [f"bingmap/19/{i}.jpg", f"streetview/panos/{i}.jpg", f"streetview/annotations/{i}.png"]
+        for i in (f"{j:07d}" for j in range(1, len(rngs) + 1))
+    ]
+
+    def location(index: int) -> None:
+        rng, (sat, ground, _) = rngs[index], rows[index]
         tile = aerial_tile(rng, tile_size)
-        sat = f"bingmap/19/{i:07d}.jpg"
-        ground = f"streetview/panos/{i:07d}.jpg"
         _save(views.satellite(rng, tile), root / sat)
         _save(views.ground(rng, tile), root / ground)
-        rows.append([sat, ground, f"streetview/annotations/{i:07d}.png"])
+
+    _parallel(location, len(rngs))
     (root / "splits").mkdir(parents=True, exist_ok=True)
     for name, part in (("train", rows[:num_train]), ("val", rows[num_train:])):
         with (root / "splits" / f"{name}-19zl.csv").open("w", newline="") as f:
@@ -225,13 +277,17 @@ def write_cvact(
     grid = np.stack(np.divmod(np.arange(n), side), axis=1).astype(np.float64) * 25.0
     utm = grid + rngs[-1].normal(0, 3.0, (n, 2)) + np.array([4_000_000.0, 600_000.0])
     ids = np.array([f"synthetic_{i:06d}" for i in range(n)])
-    for i, (pid, rng) in enumerate(zip(ids, rngs)):
+
+    def location(i: int) -> None:
+        pid, rng = ids[i], rngs[i]
         folder = root / ("ANU_data_test" if i >= num_train + num_val else "ANU_data_small")
         tile = aerial_tile(rng, tile_size)
         _save(views.satellite(rng, tile), folder / "satview_polish" / f"{pid}_satView_polish.jpg")
         if i < missing:
-            continue
+            return
         _save(views.ground(rng, tile), folder / "streetview" / f"{pid}_grdView.jpg")
+
+    _parallel(location, n)
     train = np.arange(1, num_train + 1, dtype=np.float64).reshape(-1, 1)
     val = np.arange(num_train + 1, num_train + num_val + 1, dtype=np.float64).reshape(-1, 1)
     sio.savemat(
@@ -264,8 +320,9 @@ def write_university1652(
     views = _Views(tile_size, (tile_size // 2, tile_size * 2), drone_size)
     n = num_train + num_test + num_distractors
     rngs = _rngs(seed, n)
-    for i, rng in enumerate(rngs):
-        bid = f"{i:04d}"
+
+    def location(i: int) -> None:
+        rng, bid = rngs[i], f"{i:04d}"
         tile = aerial_tile(rng, tile_size)
         if i < num_train:
             sat_dirs, drone_dirs = ["train/satellite"], ["train/drone"]
@@ -279,6 +336,8 @@ def write_university1652(
         for d in drone_dirs:
             for k in range(1, drones_per_building + 1):
                 _save(views.drone(rng, tile), root / d / bid / f"image-{k:02d}.jpeg")
+
+    _parallel(location, n)
     return root
 
 

@@ -1,0 +1,588 @@
+"""Decode once, augment on batches: an in-memory data path for small datasets and CPU demos.
+
+The per-item path (a reader with transforms in a ``DataLoader``) decodes every JPEG and runs
+every transform once per image per epoch, in Python, one image at a time. When the resized
+images fit in memory (the synthetic layouts, a few thousand real images at reduced size), it is
+much faster to decode and resize every image once into a uint8 tensor and to do the random
+part of the pipeline on whole batches:
+
+- :class:`PreloadedPairs` holds a pair dataset's query and reference images as
+  (N, 3, H, W) uint8 tensors (decoded with a thread pool, resized exactly as
+  :func:`~gsra_salad.data.eval_transform` resizes) and serves batches for any batch sampler
+  (:class:`~gsra_salad.data.UniqueLabelBatchSampler`, ...);
+- :class:`PreloadedImages` does the same for an evaluation set ((image, label) items);
+- :class:`PairedBatchAugmentation` is :class:`~gsra_salad.data.PairedAugmentation` for whole
+  batches (a flip and a quarter turn per pair, the panorama rolled to match the tile) plus an
+  independent colour change per view;
+- :func:`normalize` scales uint8 batches to ImageNet-normalised floats, with the same
+  operations as :func:`~gsra_salad.data.eval_transform`.
+
+Without augmentation the batches are identical to those of the per-item path with
+``eval_transform`` (tested).
+
+Example:
+    >>> import tempfile
+    >>> from gsra_salad.data import CVUSA, UniqueLabelBatchSampler, synthetic
+    >>> root = synthetic.write_cvusa(tempfile.mkdtemp(), num_train=8, num_val=2, tile_size=64,
+    ...                              pano_size=(32, 128))
+    >>> pairs = PreloadedPairs(CVUSA(root, "train"), query_size=(16, 64), reference_size=32)
+    >>> pairs.query.shape, pairs.reference.shape, pairs.query.dtype
+    (torch.Size([8, 3, 16, 64]), torch.Size([8, 3, 32, 32]), torch.uint8)
+    >>> augment = PairedBatchAugmentation("panorama", brightness=0.2, generator=torch.Generator())
+    >>> sampler = UniqueLabelBatchSampler(pairs.labels, batch_size=4)
+    >>> query, reference, labels = next(iter(pairs.batches(sampler, augment)))
+    >>> query.shape, reference.dtype, labels.shape
+    (torch.Size([4, 3, 16, 64]), torch.float32, torch.Size([4]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ._base import load_rgb, require
+from .geometry import rotate_pair
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "PairedBatchAugmentation",
+    "PreloadedImages",
+    "PreloadedPairs",
+    "load_images",
+    "normalize",
+]
+
+Size = int | tuple[int, int] | None
+
+
+def _size(size: Size) -> list[int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int) and not isinstance(size, bool):
+        pair = [size, size]
+    elif isinstance(size, (tuple, list)) and len(size) == 2:
+        pair = [int(s) for s in size]
+    else:
+        raise TypeError(f"size must be an int, an (H, W) pair or None, got {size!r}")
+    if min(pair) < 1:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return pair
+
+
+def _resize(image: Tensor, size: list[int] | None) -> Tensor:
+    if size is None:
+        return image
+    functional = require("torchvision.transforms.v2.functional", "torchvision")
+    # the same call as eval_transform's v2.Resize(size, antialias=True): identical pixels
+    return functional.resize(image, size, antialias=True)
+
+
+def _fill(
+    count: int,
+    load: Any,
+    size: list[int] | None,
+    workers: int,
+    what: str,
+) -> Tensor:
+    """Loads ``count`` images with ``load(i) -> (3, H, W) uint8``, resizes, stacks."""
+    if count == 0:
+        raise ValueError(f"{what}: there are no images to load")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    first = _resize(load(0), size)
+    if first.dim() != 3 or first.dtype != torch.uint8:
+        raise TypeError(
+            f"{what}: images must be uint8 tensors (3, H, W) as the readers return them without "
+            f"transforms, got {first.dtype} {tuple(first.shape)}; remove the dataset's transforms"
+        )
+    out = torch.empty((count, *first.shape), dtype=torch.uint8)
+    out[0] = first
+
+    def work(i: int) -> None:
+        image = _resize(load(i), size)
+        if image.shape != first.shape:
+            raise ValueError(
+                f"{what}: image {i} has shape {tuple(image.shape)}, image 0 {tuple(first.shape)}; "
+                "pass a size so that every image is resized to it"
+            )
+        out[i] = image
+
+    indices = range(1, count)
+    if workers <= 1:
+        for i in indices:
+            work(i)
+    else:
+        # Pillow's decoder and torch's resize release the GIL: threads run them in parallel
+        with ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(work, indices, chunksize=max(1, count // (8 * workers))):
+                pass
+    return out
+
+
+BatchTransform = Callable[[Tensor], Tensor]
+
+
+def _apply(transform: BatchTransform | None, images: Tensor, what: str, chunk: int = 256) -> Tensor:
+    """Runs a uint8 batch transform over ``images`` in chunks (bounded memory), checks it."""
+    if transform is None:
+        return images
+    parts = [transform(images[i : i + chunk]) for i in range(0, len(images), chunk)]
+    first = parts[0]
+    if not isinstance(first, Tensor) or first.dtype != torch.uint8 or first.dim() != 4:
+        got = f"{first.dtype} {tuple(first.shape)}" if isinstance(first, Tensor) else type(first)
+        raise TypeError(
+            f"{what}: the transform must map a uint8 batch (N, 3, H, W) to a uint8 batch, got "
+            f"{got}; it runs once at loading (e.g. polar_transform), normalisation comes later"
+        )
+    out = torch.cat(parts)
+    if len(out) != len(images):
+        raise ValueError(f"{what}: the transform returned {len(out)} images for {len(images)}")
+    return out
+
+
+def load_images(paths: Sequence[str | Path], size: Size = None, *, workers: int = 0) -> Tensor:
+    """Decodes image files and resizes them (as :func:`~gsra_salad.data.eval_transform` does).
+
+    Args:
+        paths: image files.
+        size: int or (H, W) to resize every image to; ``None`` keeps the files' size (they
+            must then all have the same size).
+        workers: decoding threads (0 or 1: in the calling thread).
+
+    Returns:
+        (N, 3, H, W) uint8.
+
+    Example:
+        >>> import tempfile
+        >>> from gsra_salad.data import CVUSA, synthetic
+        >>> root = synthetic.write_cvusa(tempfile.mkdtemp(), num_train=2, num_val=1, tile_size=64)
+        >>> load_images(CVUSA(root).reference_paths, 32).shape
+        torch.Size([2, 3, 32, 32])
+    """
+    paths = list(paths)
+    return _fill(len(paths), lambda i: load_rgb(paths[i]), _size(size), workers, "load_images")
+
+
+def normalize(
+    images: Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Tensor:
+    """uint8 images to float32 in [0, 1], then ``(x - mean) / std`` per channel.
+
+    The operations of :func:`~gsra_salad.data.eval_transform` after its resize, so a batch of
+    preloaded images gives the same floats as the per-item path.
+
+    Args:
+        images: (..., 3, H, W) uint8 (or floats in [0, 1]).
+        mean, std: per-channel statistics (ImageNet's by default).
+
+    Returns:
+        (..., 3, H, W) float32.
+
+    Example:
+        >>> normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))[0, :, 0, 0]
+        tensor([2.2489, 2.4286, 2.6400])
+    """
+    if not isinstance(images, Tensor) or images.dim() < 3 or images.shape[-3] != len(mean):
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be (..., {len(mean)}, H, W), got {shape}")
+    functional = require("torchvision.transforms.v2.functional", "torchvision")
+    x = functional.to_dtype(images, torch.float32, scale=True)
+    return functional.normalize(x, list(mean), list(std))
+
+
+def _paths(dataset: Any, *names: str) -> list[list[Path]] | None:
+    """The path lists of a reader (or of the reader it wraps), or None."""
+    for candidate in (dataset, getattr(dataset, "_data", None)):
+        if candidate is not None and all(hasattr(candidate, n) for n in names):
+            return [list(getattr(candidate, n)) for n in names]
+    return None
+
+
+class PreloadedImages(Dataset):
+    """An evaluation set ((image, label) items) decoded and resized once, held in memory.
+
+    Args:
+        source: an evaluation set such as ``University1652(root, "test", view=...)`` (read from
+            its files; its own transform is not applied), any dataset of (uint8 image, label)
+            items, or an (N, 3, H, W) uint8 tensor (then give ``labels``).
+        size: int or (H, W) to resize to; ``None`` keeps the images' size.
+        labels: (N,) labels when ``source`` is a tensor.
+        transform: applied once, after resizing, to the uint8 images as batches (N, 3, H, W),
+            returning uint8 batches, e.g. ``lambda x: polar_transform(x, (64, 256))``.
+        workers: decoding threads.
+        normalize_items: items are ImageNet-normalised float32 images (``True``, ready for a
+            model) or the stored uint8 images.
+
+    Attributes:
+        images: (N, 3, H, W) uint8.
+        labels: (N,) int64 tensor.
+
+    Example:
+        >>> images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+        >>> images = PreloadedImages(images, labels=[0, 1, 2, 3])
+        >>> [tuple(x.shape) for x, _ in images.batches(3)]
+        [(3, 3, 8, 8), (1, 3, 8, 8)]
+    """
+
+    def __init__(
+        self,
+        source: Dataset | Tensor,
+        size: Size = None,
+        *,
+        labels: Sequence[int] | np.ndarray | Tensor | None = None,
+        transform: BatchTransform | None = None,
+        workers: int = 0,
+        normalize_items: bool = True,
+    ) -> None:
+        pair = _size(size)
+        if isinstance(source, Tensor):
+            if labels is None:
+                raise ValueError("PreloadedImages: give labels= with a tensor of images")
+            if source.dim() != 4 or source.dtype != torch.uint8:
+                raise ValueError(
+                    f"PreloadedImages: images must be (N, 3, H, W) uint8, got {source.dtype} "
+                    f"{tuple(source.shape)}"
+                )
+            self.images = _resize(source, pair).contiguous()
+        else:
+            if labels is None:
+                labels = np.asarray(source.labels)  # type: ignore[attr-defined]
+            found = _paths(source, "paths")
+            if found is not None:
+                (paths,) = found
+                load = lambda i: load_rgb(paths[i])  # noqa: E731
+            else:
+                load = lambda i: source[i][0]  # noqa: E731
+            self.images = _fill(len(labels), load, pair, workers, "PreloadedImages")
+        self.images = _apply(transform, self.images, "PreloadedImages")
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
+        if len(self.labels) != len(self.images):
+            raise ValueError(
+                f"PreloadedImages: {len(self.images)} images but {len(self.labels)} labels"
+            )
+        self.normalize_items = normalize_items
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = self.images[index]
+        return (normalize(image) if self.normalize_items else image), int(self.labels[index])
+
+    def batches(self, batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor]]:
+        """Normalised batches in order: (images (B, 3, H, W) float32, labels (B,))."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for start in range(0, len(self), batch_size):
+            chunk = slice(start, start + batch_size)
+            yield normalize(self.images[chunk]), self.labels[chunk]
+
+
+class PreloadedPairs(Dataset):
+    """A pair dataset's images decoded and resized once, held as uint8 tensors.
+
+    Args:
+        source: a pair dataset (``CVUSA``, ``CVACT``, ``University1652(split="train")``, any
+            ``PairDataset``; read from its files, its own transforms are not applied), or any
+            dataset of (uint8 query, uint8 reference, label) items.
+        query_size, reference_size: int or (H, W) to resize each view to, as
+            :func:`~gsra_salad.data.eval_transform` would; ``None`` keeps the files' size.
+        query_transform, reference_transform: applied once, after resizing, to each view's
+            uint8 images as batches (N, 3, H, W), returning uint8 batches. E.g.
+            ``reference_transform=lambda x: polar_transform(x, (64, 256))`` turns satellite
+            tiles into panoramas (SAFA-style), to train with
+            ``PairedBatchAugmentation("polar")``.
+        workers: decoding threads (0: in the calling thread).
+
+    Attributes:
+        query: (N, 3, Hq, Wq) uint8.
+        reference: (N, 3, Hr, Wr) uint8. A reference image shared by several pairs (e.g. a
+            University-1652 satellite tile and its drone views) is decoded once.
+        labels: (N,) int64 location ids.
+        positions: the source's ``positions`` (or None), for ``NeighbourBatchSampler``.
+
+    Items are ``(query, reference, label)`` with uint8 images, so the object also works with a
+    ``DataLoader`` and any sampler; :meth:`batches` is the fast way.
+    """
+
+    def __init__(
+        self,
+        source: Dataset,
+        query_size: Size = None,
+        reference_size: Size = None,
+        *,
+        query_transform: BatchTransform | None = None,
+        reference_transform: BatchTransform | None = None,
+        workers: int = 0,
+    ) -> None:
+        qsize, rsize = _size(query_size), _size(reference_size)
+        labels = np.asarray(source.labels)  # type: ignore[attr-defined]
+        found = _paths(source, "query_paths", "reference_paths")
+        if found is not None:
+            qpaths, rpaths = found
+            self.query = _fill(len(qpaths), lambda i: load_rgb(qpaths[i]), qsize, workers, "query")
+            unique = list(dict.fromkeys(rpaths))
+            where = {p: i for i, p in enumerate(unique)}
+            decoded = _fill(len(unique), lambda i: load_rgb(unique[i]), rsize, workers, "reference")
+            decoded = _apply(reference_transform, decoded, "reference_transform")
+            index = torch.tensor([where[p] for p in rpaths], dtype=torch.int64)
+            self.reference = decoded if len(unique) == len(rpaths) else decoded[index]
+        else:
+            n = len(labels)
+            self.query = _fill(n, lambda i: source[i][0], qsize, workers, "query")
+            self.reference = _fill(n, lambda i: source[i][1], rsize, workers, "reference")
+            self.reference = _apply(reference_transform, self.reference, "reference_transform")
+        self.query = _apply(query_transform, self.query, "query_transform")
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+        self.positions = getattr(source, "positions", None)
+        if not len(self.query) == len(self.reference) == len(self.labels):
+            raise ValueError(
+                f"PreloadedPairs: {len(self.query)} queries, {len(self.reference)} references, "
+                f"{len(self.labels)} labels"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        return self.query[index], self.reference[index], int(self.labels[index])
+
+    def batch(self, indices: Sequence[int] | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The uint8 images and labels of ``indices``: ((B, 3, Hq, Wq), (B, 3, Hr, Wr), (B,))."""
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        return self.query[index], self.reference[index], self.labels[index]
+
+    def batches(
+        self,
+        batch_sampler: Iterable[Sequence[int]],
+        augmentation: PairedBatchAugmentation | None = None,
+        *,
+        normalized: bool = True,
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """One epoch of training batches.
+
+        Args:
+            batch_sampler: yields lists of indices (e.g. ``UniqueLabelBatchSampler``; call its
+                ``set_epoch`` before each epoch as usual).
+            augmentation: applied to each (query, reference) batch, e.g.
+                :class:`PairedBatchAugmentation`.
+            normalized: ImageNet-normalise the batches (float32); otherwise the (augmented)
+                uint8 images.
+
+        Yields:
+            (query (B, 3, Hq, Wq), reference (B, 3, Hr, Wr), labels (B,)).
+        """
+        for indices in batch_sampler:
+            query, reference, labels = self.batch(indices)
+            if augmentation is not None:
+                query, reference = augmentation(query, reference)
+            if normalized:
+                query, reference = normalize(query), normalize(reference)
+            yield query, reference, labels
+
+    def query_set(self, *, normalize_items: bool = True) -> PreloadedImages:
+        """The query images as an evaluation set (shares memory; no copy)."""
+        return PreloadedImages(self.query, labels=self.labels, normalize_items=normalize_items)
+
+    def reference_set(self, *, normalize_items: bool = True) -> PreloadedImages:
+        """The reference images as an evaluation set (shares memory; no copy)."""
+        return PreloadedImages(self.reference, labels=self.labels, normalize_items=normalize_items)
+
+
+class PairedBatchAugmentation:
+    """:class:`~gsra_salad.data.PairedAugmentation` on whole batches, plus colour changes.
+
+    For every pair of the batch, independently: with probability ``flip_p`` both views are
+    mirrored left-right; with ``rotate``, a quarter turn ``k`` in {0, 1, 2, 3} is drawn and,
+    in ``mode="panorama"`` (CVUSA, CVACT), the reference tile turns by ``k`` x 90 degrees
+    counter-clockwise and the query panorama rolls by ``-k W / 4`` columns to match
+    (:func:`~gsra_salad.data.rotate_pair`); in ``mode="polar"`` the reference is already a
+    panorama (the tile's :func:`~gsra_salad.data.polar_transform`, SAFA-style) and both views
+    roll by ``-k W / 4`` (the polar transform of the turned tile); in ``mode="drone"``
+    (University-1652) only the reference tile turns. Then each view of each pair gets its own
+    colour change: brightness, contrast and saturation factors drawn uniformly from
+    ``[1 - s, 1 + s]`` (torchvision's ``ColorJitter`` formulas, in that order) and, with
+    ``channel_gain``, a per-channel gain from ``[1 - g, 1 + g]`` (a white-balance or season
+    change), composed into one affine colour map per image and clamped once
+    (:meth:`apply_colour`).
+
+    Works on uint8 images (the result is rounded back to uint8) or on floats in [0, 1]. Every
+    draw comes from ``generator``, so a seeded generator gives the same batches every run.
+
+    Args:
+        mode: ``"panorama"``, ``"polar"`` or ``"drone"``.
+        flip_p: probability of mirroring a pair.
+        rotate: draw a quarter turn per pair.
+        brightness, contrast, saturation, channel_gain: colour-change strengths (0 disables).
+        generator: a ``torch.Generator`` for reproducible draws (default: the global RNG).
+
+    Shape:
+        - Input: query (B, 3, Hq, Wq) with Wq divisible by 4 in panorama and polar mode;
+          reference (B, 3, S, S) (square, for the quarter turns), or (B, 3, Hr, Wr) with Wr
+          divisible by 4 in polar mode.
+        - Output: the same shapes and dtypes.
+
+    Example:
+        >>> aug = PairedBatchAugmentation(generator=torch.Generator().manual_seed(0))
+        >>> q, r = aug(torch.rand(8, 3, 16, 64), torch.rand(8, 3, 32, 32))
+        >>> q.shape, r.shape
+        (torch.Size([8, 3, 16, 64]), torch.Size([8, 3, 32, 32]))
+    """
+
+    def __init__(
+        self,
+        mode: Literal["panorama", "polar", "drone"] = "panorama",
+        flip_p: float = 0.5,
+        rotate: bool = True,
+        *,
+        brightness: float = 0.0,
+        contrast: float = 0.0,
+        saturation: float = 0.0,
+        channel_gain: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if mode not in ("panorama", "polar", "drone"):
+            raise ValueError(f"mode must be 'panorama', 'polar' or 'drone', got {mode!r}")
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+        for name, value in (
+            ("brightness", brightness),
+            ("contrast", contrast),
+            ("saturation", saturation),
+            ("channel_gain", channel_gain),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1] (a relative strength), got {value}")
+        self.mode, self.flip_p, self.rotate = mode, flip_p, rotate
+        self.brightness, self.contrast = brightness, contrast
+        self.saturation, self.channel_gain = saturation, channel_gain
+        self.generator = generator
+
+    def draw(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """The geometric draws of one batch: (flip (B,) bool, quarter turns (B,) int64)."""
+        flip = torch.rand(batch_size, generator=self.generator) < self.flip_p
+        if self.rotate:
+            turns = torch.randint(0, 4, (batch_size,), generator=self.generator)
+        else:
+            turns = torch.zeros(batch_size, dtype=torch.int64)
+        return flip, turns
+
+    def geometric(
+        self, query: Tensor, reference: Tensor, flip: Tensor, turns: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Applies given flips and quarter turns (see :meth:`draw`) to a batch of pairs."""
+        turning = bool((turns % 4).any())
+        if self.mode == "polar":
+            for name, x in (("query", query), ("reference", reference)):
+                if turning and x.shape[-1] % 4:
+                    raise ValueError(
+                        f"polar mode: the {name} panorama's width must be divisible by 4 to "
+                        f"roll by quarter turns, got {x.shape[-1]}"
+                    )
+        elif reference.shape[-1] != reference.shape[-2] and bool((turns % 2).any()):
+            raise ValueError(
+                f"quarter turns need square reference images, got {tuple(reference.shape)}; "
+                "for polar-transformed references use mode='polar'"
+            )
+        if self.mode == "panorama" and query.shape[-1] % 4:
+            raise ValueError(
+                f"panorama width must be divisible by 4 to roll by quarter turns, got "
+                f"{query.shape[-1]}"
+            )
+        query, reference = query.clone(), reference.clone()
+        if bool(flip.any()):
+            query[flip] = query[flip].flip(-1)
+            reference[flip] = reference[flip].flip(-1)
+        for k in (1, 2, 3):
+            mask = turns == k
+            if not bool(mask.any()):
+                continue
+            if self.mode == "panorama":
+                reference[mask], query[mask] = rotate_pair(reference[mask], query[mask], k)
+            elif self.mode == "polar":
+                wq, wr = query.shape[-1], reference.shape[-1]
+                query[mask] = torch.roll(query[mask], -k * wq // 4, dims=-1)
+                reference[mask] = torch.roll(reference[mask], -k * wr // 4, dims=-1)
+            else:
+                reference[mask] = torch.rot90(reference[mask], k, dims=(-2, -1))
+        return query, reference
+
+    def draw_colour(self, batch_size: int) -> dict[str, Tensor]:
+        """The colour factors of a batch: ``brightness``, ``contrast``, ``saturation`` (B,) and
+        ``channel_gain`` (B, 3), each drawn only when its strength is non-zero."""
+        factors = {}
+        for name in ("brightness", "contrast", "saturation", "channel_gain"):
+            strength = getattr(self, name)
+            if strength:
+                shape = (batch_size, 3) if name == "channel_gain" else (batch_size,)
+                u = torch.rand(shape, generator=self.generator)
+                factors[name] = 1 - strength + 2 * strength * u
+        return factors
+
+    @staticmethod
+    def apply_colour(images: Tensor, factors: dict[str, Tensor]) -> Tensor:
+        """Applies colour factors (see :meth:`draw_colour`) to a batch (B, 3, H, W).
+
+        With ``g`` the luma of an image (ITU-R 601-2 weights, as torchvision) and ``mean(g)``
+        its mean: brightness ``x * fb``; contrast ``mean(g) + fc (x - mean(g))``; saturation
+        ``g + fs (x - g)``; gain ``x * gain[c]``, in that order. The four steps compose to one
+        affine colour map per image (a 3 x 3 matrix and an offset), applied in one pass and
+        clamped once at the end (torchvision's ColorJitter clamps after every step).
+        """
+        b = images.shape[0]
+        if not factors:
+            return images
+        integer = not images.is_floating_point()
+        work = torch.float32 if integer else images.dtype
+        top = float(torch.iinfo(images.dtype).max) if integer else 1.0
+        x = images.reshape(b, 3, -1).to(work)
+        ones = torch.ones(b, dtype=work)
+        fb = factors.get("brightness", ones).to(work)
+        fc = factors.get("contrast", ones).to(work)
+        fs = factors.get("saturation", ones).to(work)
+        gain = factors.get("channel_gain", torch.ones(b, 3)).to(work)
+        luma = torch.tensor([0.2989, 0.587, 0.114], dtype=work)
+        # saturation: fs I + (1 - fs) 1 luma^T; then the gain scales its rows
+        sat = fs.view(b, 1, 1) * torch.eye(3, dtype=work) + (1 - fs).view(b, 1, 1) * luma
+        sat = gain.unsqueeze(2) * sat
+        matrix = sat * (fc * fb).view(b, 1, 1)
+        grey_mean = (x.mean(2) @ luma) * fb  # mean luma after the brightness step
+        offset = sat.sum(2) * ((1 - fc) * grey_mean).unsqueeze(1)  # (B, 3)
+        out = torch.baddbmm(offset.unsqueeze(2), matrix, x).clamp_(0, top)
+        if integer:
+            out = out.round_()
+        return out.to(images.dtype).view(images.shape)
+
+    def colour(self, images: Tensor) -> Tensor:
+        """An independent colour change per image of a batch (B, 3, H, W)."""
+        return self.apply_colour(images, self.draw_colour(images.shape[0]))
+
+    def __call__(self, query: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+        for name, x in (("query", query), ("reference", reference)):
+            if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"{name} must be a batch (B, 3, H, W), got {shape}")
+        if query.shape[0] != reference.shape[0]:
+            raise ValueError(
+                f"query and reference batches differ in size: {query.shape[0]} and "
+                f"{reference.shape[0]}"
+            )
+        flip, turns = self.draw(query.shape[0])
+        query, reference = self.geometric(query, reference, flip, turns)
+        return self.colour(query), self.colour(reference)
+
+    def __repr__(self) -> str:
+        return (
+            f"PairedBatchAugmentation(mode={self.mode!r}, flip_p={self.flip_p}, "
+            f"rotate={self.rotate}, brightness={self.brightness}, contrast={self.contrast}, "
+            f"saturation={self.saturation}, channel_gain={self.channel_gain})"
+        )
