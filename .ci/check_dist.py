@@ -27,7 +27,7 @@ SDIST_MUST_HOLD = [
     "docs/gen_api.py",
     "docs/api.md",
     "docs/performance.md",
-    "examples/demo.py",
+    "examples/train_cvusa.py",
     "benchmarks/__init__.py",
     "benchmarks/_common.py",
 ]

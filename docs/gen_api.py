@@ -24,6 +24,9 @@ MODULES = [
     "gsra_salad.models",
     "gsra_salad.data",
     "gsra_salad.data.synthetic",
+    "gsra_salad.losses",
+    "gsra_salad.evaluation",
+    "gsra_salad.training",
 ]
 
 
