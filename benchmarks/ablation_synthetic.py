@@ -51,17 +51,17 @@ class Config:
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50
-    image_size: int = 64
+    image_size: int = 64  # ground view height and satellite side at the model's input
     channels: int = 128
     width: int = 16
     groups: int = 8
     num_clusters: int = 16
     cluster_dim: int = 16
-    num_train: int = 2000
+    num_train: int = 6000
     num_val: int = 2000
     tile_size: int = 128
     pano_size: tuple[int, int] = (64, 256)
-    fov_degrees: float = 90.0
+    fov_degrees: float = 180.0
     data_seed: int = 0
     label_smoothing: float = 0.1
 
@@ -78,15 +78,32 @@ class GeM(nn.Module):
         return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
 
 
+class PerViewAttention(nn.Module):
+    """One GSRA per feature-map size (the views differ in size; GSRA is tied to one size)."""
+
+    def __init__(self, channels: int, sizes: list[tuple[int, int]], groups: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleDict(
+            {f"{h}x{w}": GlobalSpatialRelationAttention(channels, (h, w), groups=groups)
+             for h, w in dict.fromkeys(sizes)}
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks[f"{x.shape[-2]}x{x.shape[-1]}"](x)
+
+
+def input_sizes(cfg: Config) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(ground (H, W), satellite (S, S)) at the model's input: the ground view keeps its aspect."""
+    h = cfg.image_size
+    width = HardSetting(fov_degrees=cfg.fov_degrees).ground_width(cfg.pano_size[1])
+    return (h, round(h * width / cfg.pano_size[0])), (h, h)
+
+
 def build_model(variant: str, cfg: Config) -> CrossViewGeoLocalizer:
     use_gsra, aggregation = VARIANTS[variant]
     trunk = TinyCNN(cfg.channels, width=cfg.width)
-    side = cfg.image_size // TinyCNN.stride
-    attention = (
-        GlobalSpatialRelationAttention(cfg.channels, (side, side), groups=cfg.groups)
-        if use_gsra
-        else None
-    )
+    maps = [(-(-h // TinyCNN.stride), -(-w // TinyCNN.stride)) for h, w in input_sizes(cfg)]
+    attention = PerViewAttention(cfg.channels, maps, cfg.groups) if use_gsra else None
     if aggregation == "salad":
         pool: nn.Module = SALAD(
             cfg.channels, cfg.num_clusters, cfg.cluster_dim, token_dim=0, dropout=0.0
@@ -147,22 +164,36 @@ def data_root(cfg: Config, data_dir: Path | None) -> Path:
     )  # fmt: skip
 
 
-def load_split(root: Path, split: str, image_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Every (ground, satellite, id) of a split, read once by the CVUSA reader and its eval
-    transform (resized to ``image_size``, normalised float32; ``None``: uint8 as written)."""
-    transform = eval_transform(image_size) if image_size else None
-    dataset = CVUSA(root, split, query_transform=transform, reference_transform=transform)  # type: ignore[arg-type]
+def load_split(
+    root: Path, split: str, sizes: tuple[tuple[int, int], tuple[int, int]] | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every (ground, satellite, id) of a split, read once by the CVUSA reader, as uint8,
+    resized to ``sizes`` (``None``: as written). Normalisation happens per batch."""
+    dataset = CVUSA(root, split)  # type: ignore[arg-type]
     grounds, satellites, labels = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.stack(grounds), torch.stack(satellites), torch.tensor(labels)
+    views = [torch.stack(grounds), torch.stack(satellites)]
+    if sizes:
+        from torchvision.transforms import v2  # the 'torchvision' extra, as eval_transform
+
+        for k, size in enumerate(sizes):
+            resize = v2.Resize(list(size), antialias=True)
+            views[k] = torch.cat(
+                [resize(views[k][i : i + 256]) for i in range(0, len(labels), 256)]
+            )
+    return views[0], views[1], torch.tensor(labels)
 
 
 # -- training and evaluation ----------------------------------------------------------------------
 
 
 def embed(model: CrossViewGeoLocalizer, images: Tensor, batch: int = 500) -> Tensor:
+    """Descriptors of uint8 images (normalised by the library's eval transform, per batch)."""
+    transform = eval_transform(tuple(images.shape[-2:]))  # same size: only scale + normalise
     model.eval()
     with torch.no_grad():
-        return torch.cat([model(images[i : i + batch]) for i in range(0, len(images), batch)])
+        return torch.cat(
+            [model(transform(images[i : i + batch])) for i in range(0, len(images), batch)]
+        )
 
 
 def recalls(q: Tensor, r: Tensor) -> dict[str, float]:
@@ -201,12 +232,13 @@ def train_one(
         return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    normalise_q, normalise_r = (eval_transform(tuple(x.shape[-2:])) for x in train[:2])
     augment = PairedAugmentation("drone", generator=torch.Generator().manual_seed(seed))
     grounds, satellites, labels = train
     sampler = UniqueLabelBatchSampler(labels.numpy(), cfg.batch_size, seed=seed)
     start_cpu = _cpu_seconds()
     start = time.perf_counter()
-    step, epoch, losses, curve = 0, 0, [], []
+    step, epoch, losses, curve, eval_cpu, eval_wall = 0, 0, [], [], 0.0, 0.0
     while step < cfg.steps:
         sampler.set_epoch(epoch)
         for batch in sampler:
@@ -214,8 +246,8 @@ def train_one(
                 break
             # heading unknown: the tile turns freely (k x 90 degrees); flips keep the pair valid
             pairs = [augment(grounds[i], satellites[i]) for i in batch]
-            q = torch.stack([p[0] for p in pairs])
-            r = torch.stack([p[1] for p in pairs])
+            q = normalise_q(torch.stack([p[0] for p in pairs]))
+            r = normalise_r(torch.stack([p[1] for p in pairs]))
             model.train()
             qd, rd = model(q, r)
             loss = loss_fn(qd, rd)
@@ -230,16 +262,20 @@ def train_one(
                 recent = statistics.mean(losses[-log_every:])
                 print(f"  {variant} seed {seed} step {step}: loss {recent:.3f}", flush=True)
             if eval_every and step % eval_every == 0 and step < cfg.steps:
-                point = {"step": step, "cpu_s": _cpu_seconds() - start_cpu,
+                cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+                point = {"step": step, "cpu_s": cpu0 - start_cpu - eval_cpu,  # training only
                          **recalls(embed(model, val[0]), embed(model, val[1]))}  # fmt: skip
                 curve.append(point)
+                eval_cpu += _cpu_seconds() - cpu0
+                eval_wall += time.perf_counter() - wall0
                 print(
                     f"  {variant} seed {seed} step {step}: R@1 {point['R@1']:.1f} "
                     f"R@5 {point['R@5']:.1f} ({point['cpu_s']:.0f} CPU s)",
                     flush=True,
                 )
         epoch += 1
-    train_cpu, train_wall = _cpu_seconds() - start_cpu, time.perf_counter() - start
+    train_cpu = _cpu_seconds() - start_cpu - eval_cpu
+    train_wall = time.perf_counter() - start - eval_wall
     metrics = recalls(embed(model, val[0]), embed(model, val[1]))
     return {
         "variant": variant,
@@ -292,6 +328,22 @@ def format_table(table: dict[str, dict[str, float]], baseline: dict[str, float])
     return "\n".join(lines)
 
 
+def merge(paths: list[Path], out: Path) -> dict[str, object]:
+    """One table from several result files of the same configuration."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    for key in ("config", "setting", "histogram_baseline"):
+        if any(part[key] != parts[0][key] for part in parts):
+            raise ValueError(f"--merge: the files differ in {key!r}; merge runs of one setup only")
+    runs = [run for part in parts for run in part["runs"]]
+    table = summarise(runs)
+    print(format_table(table, parts[0]["histogram_baseline"]))
+    result = {**parts[0], "table": table, "runs": runs, "merged_from": [str(p) for p in paths]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"written {out}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny data and few steps (CI smoke run)")
@@ -303,8 +355,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--json", type=Path, default=None, help="results file")
     p.add_argument("--log-every", type=int, default=0, help="print the mean loss every N steps")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
+    p.add_argument("--image-size", type=int, default=None, help="ground height, satellite side")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--merge", type=Path, nargs="+", default=None, metavar="JSON",
+        help="no training: merge the runs of these result files (e.g. one per seed, run in "
+        "parallel processes) into one table and --json",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json or RESULTS / "ablation_synthetic.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = Config()
@@ -314,12 +374,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         cfg.steps = args.steps
     if args.fov is not None:
         cfg.fov_degrees = args.fov
+    if args.image_size is not None:
+        cfg.image_size = args.image_size
     if args.quick and args.data_dir is None:
         import tempfile
 
         args.data_dir = Path(tempfile.mkdtemp())
     root = data_root(cfg, args.data_dir)
-    train, val = load_split(root, "train", cfg.image_size), load_split(root, "val", cfg.image_size)
+    sizes = input_sizes(cfg)
+    cache = root / f"u8-{sizes[0][0]}x{sizes[0][1]}-{sizes[1][0]}.pt"
+    if cache.exists():
+        train, val = torch.load(cache)
+    else:
+        train, val = load_split(root, "train", sizes), load_split(root, "val", sizes)
+        torch.save((train, val), cache)
     baseline = histogram_baseline(root)
     print(f"hard CVUSA at {root}: {len(train[2])} train, {len(val[2])} val locations; "
           f"colour-histogram R@1 {baseline['R@1']:.1f}%", flush=True)  # fmt: skip
