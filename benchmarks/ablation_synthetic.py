@@ -387,7 +387,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         train, val = torch.load(cache)
     else:
         train, val = load_split(root, "train", sizes), load_split(root, "val", sizes)
-        torch.save((train, val), cache)
+        partial = cache.with_suffix(f".{os.getpid()}.tmp")
+        torch.save((train, val), partial)
+        partial.replace(cache)  # atomic: parallel runs never read a half-written cache
     baseline = histogram_baseline(root)
     print(f"hard CVUSA at {root}: {len(train[2])} train, {len(val[2])} val locations; "
           f"colour-histogram R@1 {baseline['R@1']:.1f}%", flush=True)  # fmt: skip

@@ -149,3 +149,22 @@ def test_bad_settings_are_refused(kwargs, match):
 def test_hard_must_be_a_setting(tmp_path):
     with pytest.raises(TypeError, match="hard must be a HardSetting"):
         synthetic.write_cvusa(tmp_path, 1, 1, tile_size=32, hard="hard")  # type: ignore[arg-type]
+
+
+def test_ablation_benchmark_quick_run(tmp_path):
+    """The benchmark's smoke run: every variant trains, the JSON holds the table and baseline."""
+    pytest.importorskip("torchvision")
+    from benchmarks import ablation_synthetic
+
+    out = tmp_path / "ablation.json"
+    result = ablation_synthetic.main(
+        ["--quick", "--seeds", "0", "--data-dir", str(tmp_path), "--json", str(out)]
+    )
+    saved = json.loads(out.read_text())
+    assert set(saved["table"]) == set(ablation_synthetic.VARIANTS) == set(result["table"])
+    assert len(saved["runs"]) == len(ablation_synthetic.VARIANTS)
+    assert all(0 <= run["R@1"] <= run["R@5"] <= 100 for run in saved["runs"])
+    assert {"torch", "device", "commit"} <= set(saved["environment"])
+    assert saved["setting"]["fov_degrees"] == saved["config"]["fov_degrees"]
+    merged = ablation_synthetic.main(["--merge", str(out), str(out), "--json", str(tmp_path / "m")])
+    assert merged["table"]["gsra+salad"]["runs"] == 2
