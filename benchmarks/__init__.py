@@ -1,1 +1,4 @@
-"""Benchmarks, run by hand: ``python -m benchmarks.<name>``."""
+"""Benchmarks, run by hand from the repository root: ``python -m benchmarks.bench_gsra``.
+
+Shared timing, memory and reporting helpers live in :mod:`benchmarks._common`.
+"""

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent  # the repository root (cwd of worker processes)
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """GSRA block: fused (low-rank, recomputing backward) vs reference (literal) implementation.
 
-    python benchmarks/bench_gsra.py            # full run (several minutes on 2 CPU cores)
-    python benchmarks/bench_gsra.py --quick    # smoke run
+    python -m benchmarks.bench_gsra          # full run (several minutes on 2 CPU cores)
+    python -m benchmarks.bench_gsra --quick  # smoke run
 
 Training forward+backward and eval forward, both implementations in one process, alternating,
 medians and ratios; bytes autograd saves for backward. Targets (2-core CPU, float32, B=32,
@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import copy
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternating_medians, parser, print_table, saved_bytes, write_json
-
+from benchmarks._common import alternating_medians, parser, print_table, saved_bytes, write_json
 from gsra_salad import GlobalSpatialRelationAttention
 
 CASES = [(32, 384, 24, 32), (8, 384, 24, 32), (32, 384, 16, 32)]  # (B, C, side, groups)

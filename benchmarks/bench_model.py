@@ -1,7 +1,7 @@
 """The LRFR model with fused paths vs the same model with every impl="reference".
 
-    python benchmarks/bench_model.py            # full run (ConvNeXt-T, B=8, 384x384; minutes)
-    python benchmarks/bench_model.py --quick    # smoke run (small images, few repeats)
+    python -m benchmarks.bench_model          # full run (ConvNeXt-T, B=8, 384x384; minutes)
+    python -m benchmarks.bench_model --quick  # smoke run (small images, few repeats)
 
 "reference" is the published formulation (literal GSRA, unrolled Sinkhorn); the published SALAD
 also builds two (B, l, m, n) tensors with .repeat(), which this library never does, so the
@@ -21,12 +21,11 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
+from benchmarks._common import (
+    ROOT,
     alternating_medians,
     parser,
     peak_rss,
@@ -35,7 +34,6 @@ from _common import (
     saved_bytes,
     write_json,
 )
-
 from gsra_salad import CrossViewGeoLocalizer
 
 VARIANTS = ("auto", "reference", "auto+ckpt")  # "auto+ckpt": also set_grad_checkpointing()
@@ -141,11 +139,13 @@ def main() -> None:
         saved[impl] = saved_bytes(lambda m=model: m(images))
     peak = {}
     for impl in VARIANTS:
-        cmd = [sys.executable, __file__, "--worker", impl, "--device", device]
+        cmd = [sys.executable, "-m", "benchmarks.bench_model", "--worker", impl, "--device", device]
         cmd += ["--batch", str(batch), "--img-size", str(size)] + (
             ["--quick"] if args.quick else []
         )
-        peak[impl] = int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+        peak[impl] = int(
+            subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        )
     row = {
         "B, image": f"{batch}, {size}x{size}",
         "head f+b ref ms": t["head_reference"] * 1e3,

@@ -1,7 +1,7 @@
 """SALAD aggregation: this library's SALAD vs the published formulation.
 
-    python benchmarks/bench_salad.py            # full run
-    python benchmarks/bench_salad.py --quick    # smoke run
+    python -m benchmarks.bench_salad          # full run
+    python -m benchmarks.bench_salad --quick  # smoke run
 
 The baseline is the published forward re-implemented here on the same weights: unrolled
 log-domain Sinkhorn and ``.repeat()`` aggregation through two (B, l, m, n) tensors. Forward +
@@ -20,13 +20,12 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
+from benchmarks._common import (
+    ROOT,
     alternating_medians,
     parser,
     peak_rss,
@@ -35,7 +34,6 @@ from _common import (
     saved_bytes,
     write_json,
 )
-
 from gsra_salad import SALAD
 
 CASES = [(32, 384, 24, 128, 64), (8, 384, 24, 128, 64)]  # (B, C, side, m, l)
@@ -101,9 +99,9 @@ def peak_worker(case, side, device) -> None:
 
 
 def peak(case, side, device) -> int:
-    cmd = [sys.executable, __file__, "--worker", side, "--case", json.dumps(case)]
-    cmd += ["--device", device]
-    return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    cmd = [sys.executable, "-m", "benchmarks.bench_salad", "--worker", side]
+    cmd += ["--case", json.dumps(case), "--device", device]
+    return int(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout)
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Reference vs fused Sinkhorn: time, bytes saved for backward, float32 error.
 
-    python benchmarks/bench_sinkhorn.py            # full run (a few minutes on 2 CPU cores)
-    python benchmarks/bench_sinkhorn.py --quick    # smoke run
+    python -m benchmarks.bench_sinkhorn          # full run (a few minutes on 2 CPU cores)
+    python -m benchmarks.bench_sinkhorn --quick  # smoke run
 
 For each (B, m, n) and K, both implementations of ``dustbin_sinkhorn`` and ``log_sinkhorn`` run
 in one process, alternating; the table gives medians and ratios (reference / fused), the bytes
@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternating_medians, parser, print_table, saved_bytes, write_json
-
+from benchmarks._common import alternating_medians, parser, print_table, saved_bytes, write_json
 from gsra_salad import dustbin_sinkhorn, log_sinkhorn
 
 SHAPES = [(32, 64, 256), (32, 128, 576), (128, 64, 196)]

@@ -1,5 +1,9 @@
 """Writes docs/api.md from the docstrings of the public API (the single source of truth).
 
+Every public name of the listed modules, and for a class also the public methods,
+classmethods, staticmethods and properties it defines itself (hooks that override a base
+outside the package, such as ``forward`` or ``__len__``, are left to the class docstring).
+
 python docs/gen_api.py          # rewrite docs/api.md
 python docs/gen_api.py --check  # exit 1 if docs/api.md is out of date (the tests run this)
 """
@@ -13,6 +17,7 @@ import sys
 from pathlib import Path
 
 API = Path(__file__).resolve().parent / "api.md"
+PACKAGE = "gsra_salad"
 MODULES = [
     "gsra_salad",
     "gsra_salad.ops",
@@ -40,14 +45,57 @@ def render() -> str:
         lines += [f"## `{module_name}`", ""]
         for name, obj in entries:
             seen.add(id(obj))
-            try:
-                signature = str(inspect.signature(obj)).replace("'", "")
-            except (TypeError, ValueError):
-                signature = "(...)"
             kind = "class" if inspect.isclass(obj) else "def"
-            lines += [f"### `{name}`", "", "```python", f"{kind} {name}{signature}", "```", ""]
-            lines += [inspect.cleandoc(obj.__doc__ or "(undocumented)"), ""]
+            lines += [f"### `{name}`", "", "```python", f"{kind} {name}{_signature(obj)}"]
+            lines += ["```", ""]
+            lines += [_doc(obj), ""]
+            if inspect.isclass(obj):
+                lines += _members(obj)
     return "\n".join(lines)
+
+
+def _signature(obj, drop_first: bool = False) -> str:
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return "(...)"
+    if drop_first:  # a plain method read off the class: hide ``self``
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+    return str(signature).replace("'", "")
+
+
+def _doc(obj) -> str:
+    return inspect.cleandoc(obj.__doc__ or "(undocumented)")
+
+
+def _overrides_external(cls: type, name: str) -> bool:
+    """True for hooks of a base outside the package (``forward``, ``extra_repr``, ``__len__``)."""
+    return any(
+        name in vars(base) for base in cls.__mro__[1:] if not base.__module__.startswith(PACKAGE)
+    )
+
+
+def _members(cls: type) -> list[str]:
+    """The public methods, classmethods, staticmethods and properties ``cls`` itself defines."""
+    lines: list[str] = []
+    for name, raw in vars(cls).items():
+        if name.startswith("_") or _overrides_external(cls, name):
+            continue
+        if isinstance(raw, property):
+            returns = inspect.signature(raw.fget).return_annotation
+            kind, doc = "property", _doc(raw)
+            signature = "" if returns is inspect.Signature.empty else f" -> {returns}"
+        elif isinstance(raw, (classmethod, staticmethod)):
+            kind = type(raw).__name__
+            signature, doc = _signature(getattr(cls, name)), _doc(raw.__func__)
+        elif inspect.isfunction(raw):
+            kind, signature, doc = "def", _signature(raw, drop_first=True), _doc(raw)
+        else:
+            continue
+        title = f"{cls.__name__}.{name}"
+        lines += [f"#### `{title}`", "", "```python", f"{kind} {title}{signature}", "```", ""]
+        lines += [doc, ""]
+    return lines
 
 
 def main() -> int:

@@ -2,6 +2,8 @@
 
 import csv
 import math
+import re
+import shutil
 import warnings
 
 import numpy as np
@@ -137,6 +139,65 @@ def test_university1652_train_pairs_and_eval_sets(u1652_root):
         University1652(u1652_root, "train", query_view="street")
 
 
+def test_undecodable_image_errors_name_the_file(tmp_path, cvusa_root):
+    root = shutil.copytree(cvusa_root, tmp_path / "cvusa")
+    val = CVUSA(root, "val")
+    path = val.reference_paths[0]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a truncated JPEG
+    with pytest.raises(OSError, match=rf"could not read image {re.escape(str(path))}: .*truncated"):
+        val[0]
+    path.write_bytes(b"not an image")
+    with pytest.raises(OSError, match=re.escape(str(path))):
+        val[0]
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
+        val[0]
+
+
+def test_cvusa_rejects_an_empty_split_file(tmp_path, cvusa_root):
+    root = shutil.copytree(cvusa_root, tmp_path / "cvusa")
+    (root / "splits" / "train-19zl.csv").write_text("")
+    with pytest.raises(ValueError, match=r"train-19zl\.csv lists no image pairs"):
+        CVUSA(root, "train")
+    (root / "splits" / "train-19zl.csv").write_text("\n\n")  # blank lines only
+    with pytest.raises(ValueError, match="lists no image pairs"):
+        CVUSA(root, "train")
+
+
+def test_university1652_counts_and_warns_about_skipped_buildings(tmp_path, u1652_root):
+    root = shutil.copytree(u1652_root, tmp_path / "u1652")
+    drone = root / "train" / "drone"
+    shutil.copytree(drone / "0000", drone / "0777")  # a building without a satellite image
+    shutil.copytree(drone / "0000", drone / "old_copy")  # a folder whose name is no id
+    (root / "train" / "satellite" / "old_copy").mkdir()
+    shutil.copytree(root / "test" / "query_drone" / "0006", root / "test" / "query_drone" / "x")
+    with pytest.warns(UserWarning, match=r"skipped 2 building folder\(s\) under .*train/drone"):
+        train = University1652(root, "train")
+    assert sorted(train.skipped) == ["0777", "old_copy"] and len(train) == 6 * 3
+    assert 777 not in set(train.labels)
+    with pytest.warns(UserWarning, match=r"skipped 1 building folder\(s\) under .*query_drone"):
+        query = University1652(root, "test", view="query_drone")
+    assert query.skipped == ["x"] and len(query) == 5 * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert University1652(u1652_root, "train").skipped == []
+
+
+def test_university1652_rejects_arguments_of_the_other_split(u1652_root):
+    with pytest.raises(ValueError, match=r"view \(given\) belong\(s\) to split='test'"):
+        University1652(u1652_root, "train", view="query_drone")
+    with pytest.raises(ValueError, match=r"transform \(given\).*takes query_view"):
+        University1652(u1652_root, "train", transform=lambda x: x)
+    with pytest.raises(ValueError, match=r"query_view, pair_transform \(given\).*'train'"):
+        University1652(
+            u1652_root, "test", view="query_drone", query_view="drone", pair_transform=lambda *x: x
+        )
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        University1652(u1652_root, "val")
+    assert University1652(u1652_root, "train", query_view="drone").query_view == "drone"
+
+
 def test_colour_histograms_cannot_solve_the_synthetic_task(tmp_path):
     """500 test locations: colour statistics alone give at most 10% Recall@1."""
     root = synthetic.write_cvusa(
@@ -234,6 +295,30 @@ def test_transforms_resize_and_normalise():
         train_transform("street", 24)
 
 
+def test_transforms_reject_pixels_in_the_wrong_range():
+    pytest.importorskip("torchvision")
+    import pickle
+
+    from gsra_salad.data import eval_transform, train_transform
+
+    image = torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8)
+    # a float image in [0, 1] is the same picture as its uint8 original (no resampling here)
+    torch.testing.assert_close(
+        eval_transform(20)(image.float() / 255), eval_transform(20)(image), atol=1e-5, rtol=0
+    )
+    for transform in (eval_transform(16), train_transform("drone", 16)):
+        with pytest.raises(ValueError, match=r"float images in \[0, 1\].*up to 255.*divide by 255"):
+            transform(image.float())  # [0, 255] floats: would come out near 1000
+        normalised = eval_transform(20)(image)
+        with pytest.raises(ValueError, match="looks normalised already"):
+            transform(normalised)
+        with pytest.raises(ValueError, match=r"uint8 image .* got dtype torch\.int64"):
+            transform(image.long())
+        with pytest.raises(ValueError, match="NaN"):
+            transform(torch.full((3, 20, 20), float("nan")))
+        assert pickle.loads(pickle.dumps(transform))(image).shape == (3, 16, 16)  # workers
+
+
 def test_haversine_and_neighbours():
     assert math.isclose(
         float(haversine_m(np.array([0.0, 0.0]), np.array([1.0, 0.0]))), 111_195, rel_tol=1e-4
@@ -309,20 +394,136 @@ def test_neighbour_sampler_builds_batches_from_neighbours(tmp_path):
     spread = [np.ptp(positions[b], axis=0).max() for b in batches if len(b) == 8]
     assert np.median(spread) < 100  # batches are geographic neighbourhoods, not the whole map
     assert all(len(set(labels[b])) == len(b) for b in batches)
-    cache = tmp_path / "neighbours.npy"
-    first = NeighbourBatchSampler.from_positions(
-        labels, positions, 8, metric="euclidean", k=5, cache=cache
-    )
-    assert cache.is_file()
-    np.save(cache, np.zeros((80, 5), dtype=np.int64))  # a cached file is read, not recomputed
-    cached = NeighbourBatchSampler.from_positions(
-        labels, positions, 8, metric="euclidean", k=5, cache=cache
-    )
-    assert (cached.neighbours == 0).all() and not (first.neighbours == 0).all()
     emb = NeighbourBatchSampler.from_embeddings(labels, positions / 1000, batch_size=8, k=4)
     assert all(len(b) == 8 for b in emb)
     emb.update_embeddings(np.random.default_rng(1).normal(size=(80, 16)))
     assert emb.neighbours.shape == (80, 4)
+
+
+def test_neighbour_cache_is_keyed_on_positions_metric_and_k(tmp_path, monkeypatch):
+    from gsra_salad.data import samplers
+
+    rng = np.random.default_rng(0)
+    positions = rng.uniform(0, 1000, (40, 2))
+    labels = np.arange(40)
+    cache = tmp_path / "cache" / "neighbours.npy"
+
+    def build(points, metric="euclidean", k=5):
+        return NeighbourBatchSampler.from_positions(
+            labels, points, 8, metric=metric, k=k, cache=cache
+        ).neighbours
+
+    first = build(positions)
+    assert cache.is_file()
+    computed = []
+    real = samplers.nearest_neighbours
+    monkeypatch.setattr(
+        samplers, "nearest_neighbours", lambda *a: computed.append(a[1:]) or real(*a)
+    )
+    assert (build(positions) == first).all() and computed == []  # read back, not recomputed
+    moved = positions.copy()
+    moved[[0, 1]] = moved[[1, 0]]  # same N, other content: a stale cache would pass for it
+    assert (build(moved) == nearest_neighbours(moved, 5, "euclidean")).all()
+    assert not (build(moved) == first).all() and computed == [(5, "euclidean")]
+    lat_lon = positions / 1000
+    assert (build(lat_lon, "haversine") == nearest_neighbours(lat_lon, 5, "haversine")).all()
+    assert build(lat_lon, "euclidean").tolist() == nearest_neighbours(lat_lon, 5).tolist()
+    assert build(lat_lon, "euclidean", k=3).shape == (40, 3)
+    assert computed[1:] == [(5, "haversine"), (5, "euclidean"), (3, "euclidean")]
+    np.save(cache.with_suffix(".npy"), np.zeros((40, 5), dtype=np.int64))  # a keyless file
+    assert (build(moved) == nearest_neighbours(moved, 5, "euclidean")).all()
+
+
+def test_neighbour_sampler_rejects_nan_positions_naming_the_rows():
+    positions = np.random.default_rng(0).uniform(0, 1000, (20, 2))
+    positions[[3, 7], 1] = np.nan
+    positions[11, 0] = np.inf
+    with pytest.raises(
+        ValueError, match=r"positions holds NaN or infinite values in 3 of 20 rows "
+    ):
+        NeighbourBatchSampler.from_positions(range(20), positions, 4, metric="euclidean")
+    with pytest.raises(ValueError, match=r"indices \[3, 7, 11\]"):
+        NeighbourBatchSampler.from_positions(range(20), positions, 4, metric="euclidean")
+    with pytest.raises(ValueError, match=r"points holds NaN .*indices \[3, 7, 11\]"):
+        nearest_neighbours(positions, 2)
+    with pytest.raises(ValueError, match=r"one row per label"):
+        NeighbourBatchSampler.from_positions(range(19), np.zeros((20, 2)), 4, metric="euclidean")
+
+
+def _skewed_labels():
+    # 58 samples, 12 labels, one with 12 samples: packings of 8 distinct labels vary by epoch
+    return np.repeat(np.arange(12), [12, 10, 9, 6, 5, 4, 3, 3, 2, 2, 1, 1])
+
+
+def _samplers(labels, **kwargs):
+    embeddings = np.random.default_rng(0).normal(size=(len(labels), 4))
+    yield UniqueLabelBatchSampler(labels, 8, **kwargs)
+    yield NeighbourBatchSampler.from_embeddings(labels, embeddings, 8, k=4, **kwargs)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_samplers_yield_the_same_number_of_batches_every_epoch(drop_last):
+    labels = _skewed_labels()
+    for sampler in _samplers(labels, drop_last=drop_last, seed=3):
+        expected = 58 // 8 if drop_last else 12  # N // batch, or the most frequent label's 12
+        assert len(sampler) == sampler.num_batches == expected
+        loader = torch.utils.data.DataLoader(range(58), batch_sampler=sampler)
+        seen_orders = set()
+        for epoch in range(8):
+            sampler.set_epoch(epoch)
+            assert len(loader) == expected  # an LR schedule sized from len(loader) holds
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                batches = list(sampler)
+            assert len(batches) == expected
+            assert all(len(set(labels[b])) == len(b) for b in batches)
+            flat = [i for b in batches for i in b]
+            if drop_last:  # full batches; missing ones re-drawn from a fresh shuffle
+                assert all(len(b) == 8 for b in batches)
+            else:  # every sample exactly once
+                assert sorted(flat) == list(range(58))
+            seen_orders.add(tuple(flat))
+        assert len(seen_orders) == 8
+
+
+def test_samplers_pack_each_epoch_once_and_honour_num_batches():
+    labels = _labels()
+    sampler = UniqueLabelBatchSampler(labels, 8, seed=1)
+    first = list(sampler)
+    calls = []
+    real = sampler._pack
+    sampler._pack = lambda order: calls.append(1) or real(order)
+    assert len(sampler) == len(first) and list(sampler) == first and calls == []  # cached
+    sampler.set_epoch(1)
+    assert len(sampler) == len(first) and calls == []  # len() never packs
+    assert list(sampler) != first and calls == [1]
+    more = UniqueLabelBatchSampler(labels, 8, seed=1, num_batches=3 * len(first))
+    batches = list(more)
+    assert len(batches) == len(more) == 3 * len(first)
+    assert all(len(b) == 8 and len(set(labels[b])) == 8 for b in batches)
+    assert len(list(UniqueLabelBatchSampler(labels, 8, num_batches=2))) == 2
+    with pytest.raises(ValueError, match="num_batches must be >= 1"):
+        UniqueLabelBatchSampler(labels, 8, num_batches=0)
+    with pytest.raises(TypeError, match="num_batches must be an int"):
+        UniqueLabelBatchSampler(labels, 8, num_batches=2.5)
+    with pytest.warns(UserWarning, match=r"left out of this epoch; raise num_batches"):
+        list(UniqueLabelBatchSampler(_skewed_labels(), 8, drop_last=False, num_batches=8))
+
+
+def test_distributed_split_keeps_a_fixed_length_and_disjoint_slices():
+    labels = _skewed_labels()
+    for drop_last in (True, False):
+        ranks = [
+            UniqueLabelBatchSampler(labels, 2, num_replicas=2, rank=r, drop_last=drop_last)
+            for r in range(2)
+        ]
+        for epoch in range(3):
+            for sampler in ranks:
+                sampler.set_epoch(epoch)
+            per_rank = [list(s) for s in ranks]
+            assert len(per_rank[0]) == len(per_rank[1]) == len(ranks[0])
+            for a, b in zip(*per_rank):
+                assert not set(labels[a]) & set(labels[b])
 
 
 def test_sampler_errors():
@@ -330,3 +531,22 @@ def test_sampler_errors():
         UniqueLabelBatchSampler([0, 0, 1, 1], batch_size=3)
     with pytest.raises(ValueError, match="rank must be in"):
         UniqueLabelBatchSampler(range(10), 2, num_replicas=2, rank=2)
+
+
+def test_data_functions_stay_short():
+    """No function in gsra_salad/data passes 60 lines of code (its docstring not counted)."""
+    import ast
+    from pathlib import Path
+
+    import gsra_salad.data
+
+    long = []
+    for path in Path(gsra_salad.data.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                first = node.body[0]
+                documented = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                start = node.body[1].lineno if documented and len(node.body) > 1 else first.lineno
+                if node.end_lineno - start + 1 > 60:
+                    long.append(f"{path.name}:{node.lineno} {node.name}")
+    assert not long, long

@@ -2,10 +2,10 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICES, SavedBytes
 from torch import nn
 
 from gsra_salad import GlobalSpatialRelationAttention
+from tests._helpers import DEVICES, SavedBytes
 
 # float32 tolerances for the whole block (two BatchNorms over a rank-Ci reduction)
 TOL32 = dict(rtol=2e-4, atol=2e-5)

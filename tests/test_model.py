@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention
-from gsra_salad.models import TinyCNN, feature_size
+from gsra_salad.models import (
+    TinyCNN,
+    build_component,
+    feature_size,
+    register_component,
+    registered_components,
+)
 
 
 def _tiny_model(share_weights=True, impl="auto", channels=32, size=64):
@@ -20,14 +26,33 @@ def _tiny_model(share_weights=True, impl="auto", channels=32, size=64):
     )
 
 
+def _two_size_model(share_weights=True, impl="auto", channels=32):
+    """Query: 32 x 128 panoramas (feature map 2 x 8); reference: 64 x 64 tiles (4 x 4)."""
+    return CrossViewGeoLocalizer(
+        TinyCNN(channels),
+        GlobalSpatialRelationAttention(channels, (2, 8), groups=8, impl=impl),
+        SALAD(channels, num_clusters=8, cluster_dim=4, token_dim=0, impl=impl),
+        share_weights=share_weights,
+        reference_attention=GlobalSpatialRelationAttention(channels, (4, 4), groups=8, impl=impl),
+    )
+
+
+PANORAMAS, TILES = (32, 128), (64, 64)
+
+
 def _randomise(model):
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-        model.aggregation.dust_bin.fill_(0.7)
+            if isinstance(m, SALAD):
+                m.dust_bin.fill_(0.7)
     return model
+
+
+def _n_params(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +113,233 @@ def test_fused_and_reference_models_agree():
 
 
 # ---------------------------------------------------------------------------------------------
+# views of different sizes: shared trunk and SALAD, one GSRA per view
+# ---------------------------------------------------------------------------------------------
+
+
+def test_two_size_model_shares_trunk_and_salad_and_holds_one_gsra_per_view():
+    model = _two_size_model()
+    one_size = _tiny_model()
+    extra = _n_params(model.reference_attention)
+    assert _n_params(model) == _n_params(one_size) + extra
+    assert _n_params(model) == sum(
+        _n_params(m)
+        for m in (model.backbone, model.attention, model.reference_attention, model.aggregation)
+    )
+    assert model.attention.spatial_size == (2, 8)
+    assert model.reference_attention.spatial_size == (4, 4)
+    # the reference view goes through the same trunk and SALAD, and its own GSRA
+    calls = []
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, name=name: calls.append(name))
+        for name, m in (
+            ("backbone", model.backbone),
+            ("attention", model.attention),
+            ("reference_attention", model.reference_attention),
+            ("aggregation", model.aggregation),
+        )
+    ]
+    model.embed(torch.randn(2, 3, *TILES), view="reference")
+    assert calls == ["backbone", "reference_attention", "aggregation"]
+    calls.clear()
+    model.embed(torch.randn(2, 3, *PANORAMAS))  # view="query" by default
+    assert calls == ["backbone", "attention", "aggregation"]
+    for hook in hooks:
+        hook.remove()
+
+
+def test_two_size_model_trains_a_step():
+    torch.manual_seed(0)
+    model = _two_size_model()
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    q, r = model(torch.randn(4, 3, *PANORAMAS), torch.randn(4, 3, *TILES))
+    assert q.shape == r.shape == (4, 32)
+    loss = nn.functional.cross_entropy(q @ r.T / 0.1, torch.arange(4))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        if name != "aggregation.dust_bin":
+            assert p.grad.abs().sum() > 0, name
+    optimizer.step()
+    after = model.state_dict()
+    for prefix in ("backbone.", "attention.", "reference_attention.", "aggregation."):
+        changed = [
+            k
+            for k in after
+            if k.startswith(prefix) and after[k].is_floating_point()
+            if not torch.equal(after[k], before[k])
+        ]
+        assert changed, prefix
+
+
+@pytest.mark.parametrize("share_weights", [True, False])
+def test_two_size_model_round_trips_bit_exactly(tmp_path, share_weights):
+    model = _randomise(_two_size_model(share_weights=share_weights)).eval()
+    if not share_weights:
+        assert model.reference_attention is None
+        assert model.reference_stack["attention"].spatial_size == (4, 4)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["model"]
+    assert config["reference_attention"]["type"] == "GlobalSpatialRelationAttention"
+    assert config["reference_attention"]["spatial_size"] == [4, 4]
+    assert config["attention"]["spatial_size"] == [2, 8]
+    loaded = CrossViewGeoLocalizer.from_pretrained(tmp_path)
+    assert model.state_dict().keys() == loaded.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    q, r = torch.randn(2, 3, *PANORAMAS), torch.randn(3, 3, *TILES)
+    with torch.no_grad():
+        for a, b in zip(model(q, r), loaded(q, r)):
+            assert torch.equal(a, b)
+
+
+def test_one_size_model_keeps_its_state_dict_keys():
+    keys = set(_tiny_model().state_dict())
+    assert not any(k.startswith(("reference_attention.", "reference_stack.")) for k in keys)
+    assert {k.split(".")[0] for k in keys} == {"backbone", "attention", "aggregation"}
+
+
+def test_wrong_size_says_which_view_and_which_size():
+    model = _two_size_model()
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)the reference view's attention is built for feature maps of size "
+        r"\(H, W\) = \(4, 4\) \(images of 64x64 pixels\), but reference images of 32x128 "
+        r"pixels give \(2, 8\)\. These are the query view's size: pass view='query'",
+    ):
+        model(torch.randn(1, 3, *PANORAMAS), torch.randn(1, 3, *PANORAMAS))
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)the query view's attention is built for feature maps of size "
+        r"\(H, W\) = \(2, 8\) \(images of 32x128 pixels\), but query images of 96x96 pixels "
+        r"give \(6, 6\)\. Resize",
+    ):
+        model.embed(torch.randn(1, 3, 96, 96))
+
+
+# ---------------------------------------------------------------------------------------------
+# the config protocol: get_config() and the component registry
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        TinyCNN(24, width=8),
+        GlobalSpatialRelationAttention(32, (2, 6), groups=4, impl="reference"),
+        SALAD(32, num_clusters=8, cluster_dim=4, token_dim=16, dropout=0.1, sinkhorn_iters=5),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_get_config_rebuilds_the_component(module):
+    config = module.get_config()
+    assert json.loads(json.dumps(config)) == config  # plain JSON
+    rebuilt = type(module)(**config)
+    assert rebuilt.get_config() == config
+    assert repr(rebuilt) == repr(module)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in module.state_dict().items()
+    }
+    assert registered_components()[type(module).__name__] is type(module)
+
+
+def test_salad_config_records_its_dropout():
+    salad = SALAD(32, 8, 4, token_dim=0, dropout=0.15)
+    assert salad.get_config()["dropout"] == 0.15
+
+
+class _PatchBackbone(nn.Module):
+    """A user's own backbone: patchify + GELU, stride 16."""
+
+    stride = 16
+
+    def __init__(self, out_channels: int = 16, activation: str = "gelu") -> None:
+        super().__init__()
+        self.out_channels, self.activation = out_channels, activation
+        self.proj = nn.Conv2d(3, out_channels, 16, stride=16)
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+
+    def get_config(self):
+        return {"out_channels": self.out_channels, "activation": self.activation}
+
+    def forward(self, x):
+        return self.act(self.proj(x))
+
+
+def test_a_users_backbone_joins_by_get_config_and_registering(tmp_path):
+    model = CrossViewGeoLocalizer(
+        _PatchBackbone(16, activation="relu"),
+        GlobalSpatialRelationAttention(16, (4, 4), groups=4),
+        SALAD(16, num_clusters=8, cluster_dim=4, token_dim=0),
+    ).eval()
+    with pytest.raises(ValueError, match=r"(?s)cannot describe the backbone.*register_component"):
+        model.save_pretrained(tmp_path)
+    register_component(_PatchBackbone, name="test_model.PatchBackbone")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["model"]
+    assert config["backbone"] == {
+        "type": "test_model.PatchBackbone",
+        "out_channels": 16,
+        "activation": "relu",
+    }
+    loaded = CrossViewGeoLocalizer.from_pretrained(tmp_path)
+    assert type(loaded.backbone) is _PatchBackbone and loaded.backbone.activation == "relu"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_a_registered_subclass_is_saved_as_itself(tmp_path):
+    @register_component(name="test_model.SharperSALAD")
+    class SharperSALAD(SALAD):
+        pass
+
+    model = CrossViewGeoLocalizer(
+        TinyCNN(32), None, SharperSALAD(32, num_clusters=8, cluster_dim=4, token_dim=0)
+    )
+    model.save_pretrained(tmp_path)
+    assert type(CrossViewGeoLocalizer.from_pretrained(tmp_path).aggregation) is SharperSALAD
+
+    class Unregistered(SALAD):
+        pass
+
+    model.aggregation = Unregistered(32, num_clusters=8, cluster_dim=4, token_dim=0)
+    with pytest.raises(ValueError, match=r"cannot describe the aggregation \(Unregistered\)"):
+        model.save_pretrained(tmp_path)
+
+
+def test_registry_errors():
+    class NoConfig(nn.Module):
+        pass
+
+    with pytest.raises(TypeError, match="has no get_config"):
+        register_component(NoConfig)
+    with pytest.raises(TypeError, match=r"expects an nn\.Module subclass"):
+        register_component(int)
+
+    class Other(nn.Module):
+        def get_config(self):
+            return {}
+
+    with pytest.raises(ValueError, match="name 'SALAD' is taken"):
+        register_component(Other, name="SALAD")
+    with pytest.raises(ValueError, match=r"unknown component type 'Nope'.*register_component"):
+        build_component({"type": "Nope"})
+    with pytest.raises(ValueError, match=r"could not build TinyCNN .*unexpected keyword"):
+        build_component({"type": "TinyCNN", "depth": 3})
+
+    class NotJson(nn.Module):
+        def get_config(self):
+            return {"size": (torch.tensor(1.0),)}
+
+    register_component(NotJson, name="test_model.NotJson")
+    model = CrossViewGeoLocalizer(NotJson(), None, SALAD(8, 4, 2, token_dim=0))
+    with pytest.raises(ValueError, match="not plain JSON"):
+        model.describe()
+
+
+# ---------------------------------------------------------------------------------------------
 # save_pretrained / from_pretrained
 # ---------------------------------------------------------------------------------------------
 
@@ -135,6 +387,90 @@ def test_tampered_or_truncated_weights_give_clear_errors(tmp_path):
         CrossViewGeoLocalizer.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"config\.json not found"):
         CrossViewGeoLocalizer.from_pretrained(tmp_path / "nowhere")
+
+
+def test_from_pretrained_returns_the_model_in_eval_mode(tmp_path):
+    model = _randomise(_tiny_model())  # training mode: dropout and batch statistics
+    model.save_pretrained(tmp_path)
+    loaded = CrossViewGeoLocalizer.from_pretrained(tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), loaded(x))  # two calls, identical descriptors
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+def _rewrite_config(directory, change):
+    path = directory / "config.json"
+    payload = json.loads(path.read_text())
+    change(payload["model"])
+    path.write_text(json.dumps(payload))
+
+
+def test_incomplete_config_names_the_file_and_the_missing_key(tmp_path):
+    _tiny_model().save_pretrained(tmp_path)
+    _rewrite_config(tmp_path, lambda c: c.pop("backbone"))
+    with pytest.raises(
+        ValueError, match=r"config\.json: the model config has no 'backbone' entry"
+    ) as err:
+        CrossViewGeoLocalizer.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(err.value)
+    # the lrfr form written by 0.1.0.dev0, without its img_size
+    _rewrite_config(tmp_path, lambda c: (c.clear(), c.update(architecture="lrfr", options={})))
+    with pytest.raises(ValueError, match=r"config\.json: the model config has no 'img_size'"):
+        CrossViewGeoLocalizer.from_pretrained(tmp_path)
+    _rewrite_config(tmp_path, lambda c: c.update(architecture="resnet"))
+    with pytest.raises(ValueError, match="unknown architecture 'resnet'"):
+        CrossViewGeoLocalizer.from_pretrained(tmp_path)
+
+
+def test_configs_written_before_the_registry_still_load(tmp_path):
+    model = _randomise(_tiny_model()).eval()
+    model.save_pretrained(tmp_path)
+
+    def legacy(config):
+        config["backbone"] = {"type": "tiny", "out_channels": 32, "width": 16}
+        config["attention"] = {"type": "gsra", **model.attention.get_config()}
+        config["aggregation"] = {"type": "salad", **model.aggregation.get_config()}
+        del config["reference_attention"]
+
+    _rewrite_config(tmp_path, legacy)
+    loaded = CrossViewGeoLocalizer.from_pretrained(tmp_path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_state_dict_without_num_batches_tracked_loads_as_in_torch(tmp_path):
+    from gsra_salad.models import _serialization
+
+    model = _randomise(_tiny_model()).eval()
+    state = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
+    assert len(state) < len(model.state_dict())
+    fresh = _tiny_model()
+    fresh.load_state_dict(state)  # torch accepts it
+    other = _tiny_model()
+    _serialization.load_strict(other, state, source="test")
+    for key, value in model.state_dict().items():
+        if "num_batches_tracked" not in key:
+            assert torch.equal(other.state_dict()[key], value), key
+    del state["aggregation.dust_bin"]  # a really missing key is still reported
+    with pytest.raises(ValueError, match=r"missing \(1\): aggregation\.dust_bin"):
+        _serialization.load_strict(other, state, source="test")
+
+
+@pytest.mark.parametrize("key", ["model", "state_dict", "model_state_dict"])
+def test_checkpoints_nested_under_a_key_are_unwrapped(tmp_path, key):
+    from gsra_salad.models import _serialization
+
+    state = _tiny_model().state_dict()
+    path = tmp_path / "checkpoint.pt"
+    torch.save({key: state, "epoch": 3, "optimizer": {"lr": torch.tensor(1.0)}}, path)
+    got = _serialization.read_state_dict(path)
+    assert got.keys() == state.keys()
+    # published LRFR keys start with "model." but are not nested: left alone
+    flat = {"model.attention.gn.weight": torch.ones(2)}
+    assert _serialization.read_state_dict(flat) == flat
 
 
 def test_save_pretrained_refuses_modules_it_cannot_rebuild(tmp_path):
@@ -187,6 +523,17 @@ def test_bad_input():
     model = _tiny_model()
     with pytest.raises(ValueError, match=r"images must have shape \(B, 3, H, W\)"):
         model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, H, W\), got list"):
+        model.embed([torch.randn(3, 64, 64)])
+    uint8 = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)  # what the readers return
+    with pytest.raises(
+        TypeError,
+        match=r"(?s)images must be a floating-point tensor.*got dtype torch\.uint8.*"
+        r"gsra_salad\.data\.eval_transform",
+    ):
+        model.embed(uint8)
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.randn(2, 3, 64, 64), uint8)
     with pytest.raises(ValueError, match="built for feature maps of size"):
         model(torch.randn(1, 3, 96, 96))
     with pytest.raises(ValueError, match="view must be"):

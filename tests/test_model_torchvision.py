@@ -1,14 +1,15 @@
 """The paper's model on torchvision's ConvNeXt: needs the 'torchvision' extra (CI installs it)."""
 
 import copy
+import json
 
 import pytest
 import torch
-from conftest import SavedBytes
 from torch import nn
 
 from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention
 from gsra_salad.models import ConvNeXtTrunk
+from tests._helpers import SavedBytes
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -99,6 +100,79 @@ def test_lrfr_save_and_load_pretrained(tmp_path):
     assert loaded.descriptor_dim == 16 * 8
 
 
+def _n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_lrfr_cvusa_sizes_share_trunk_and_salad_with_one_gsra_per_view():
+    one = CrossViewGeoLocalizer.lrfr(img_size=384)
+    two = CrossViewGeoLocalizer.lrfr(img_size=384, query_img_size=(140, 768))
+    assert two.attention.spatial_size == (8, 48)  # the panorama's
+    assert two.reference_attention.spatial_size == (24, 24)  # the satellite tile's
+    assert one.reference_attention is None and one.attention.spatial_size == (24, 24)
+    panorama_gsra = GlobalSpatialRelationAttention(384, (8, 48), groups=32)
+    assert _n_params(two) == _n_params(one) + _n_params(panorama_gsra)
+    shared = _n_params(two.backbone) + _n_params(two.aggregation)
+    assert _n_params(two) == shared + _n_params(two.attention) + _n_params(two.reference_attention)
+    # the same feature-map size: one GSRA (390 // 16 == 384 // 16)
+    assert CrossViewGeoLocalizer.lrfr(img_size=384, query_img_size=390).reference_attention is None
+    with pytest.raises(ValueError, match=r"lrfr\(query_img_size=\(64, 64\)\).*4x4 = 16"):
+        CrossViewGeoLocalizer.lrfr(img_size=384, query_img_size=(64, 64))
+
+
+def test_lrfr_two_sizes_train_a_step_and_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = CrossViewGeoLocalizer.lrfr(
+        img_size=(128, 128), query_img_size=(64, 256), num_clusters=16, cluster_dim=8
+    )
+    q, r = torch.randn(2, 3, 64, 256), torch.randn(2, 3, 128, 128)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    dq, dr = model(q, r)
+    nn.functional.cross_entropy(dq @ dr.T / 0.07, torch.arange(2)).backward()
+    assert model.attention.conv1x1.weight.grad.abs().sum() > 0
+    assert model.reference_attention.conv1x1.weight.grad.abs().sum() > 0
+    optimizer.step()
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = CrossViewGeoLocalizer.from_pretrained(tmp_path)
+    with torch.no_grad():
+        for a, b in zip(model(q, r), loaded(q, r)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"reference view's attention .* \(8, 8\) "):
+        loaded.embed(q, view="reference")
+
+
+def test_lrfr_checkpoint_needs_one_size(tmp_path):
+    state, _ = _published_lrfr_state()
+    with pytest.raises(ValueError, match=r"(?s)missing .*reference_attention.*one attention per"):
+        CrossViewGeoLocalizer.from_lrfr_checkpoint(state, img_size=384, query_img_size=(140, 768))
+
+
+def test_lrfr_checkpoint_loads_in_eval_mode_nested_and_without_num_batches_tracked(tmp_path):
+    state, _ = _published_lrfr_state(img_size=256)
+    trimmed = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    assert len(trimmed) < len(state)
+    path = tmp_path / "lrfr.pth"
+    torch.save({"model": trimmed, "epoch": 40}, path)
+    model = CrossViewGeoLocalizer.from_lrfr_checkpoint(path, img_size=256)
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("extra", [{}, {"grad_checkpointing": True}])
+def test_convnext_trunk_get_config_rebuilds_it(extra):
+    trunk = ConvNeXtTrunk(**{"stochastic_depth_prob": 0.2, **extra})
+    config = trunk.get_config()
+    assert json.loads(json.dumps(config)) == config
+    rebuilt = ConvNeXtTrunk(**config)
+    assert rebuilt.get_config() == config
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in trunk.state_dict().items()
+    }
+
+
 def test_pretrained_backbone_from_local_file(tmp_path):
     full = torchvision.models.convnext_tiny(weights=None)
     path = tmp_path / "convnext_tiny.pth"
@@ -116,6 +190,9 @@ def test_timm_backbone_stage_and_round_trip(tmp_path):
     backbone = TimmBackbone("resnet18", out_index=3)
     assert (backbone.out_channels, backbone.stride) == (256, 16)
     assert backbone(torch.randn(1, 3, 64, 96)).shape == (1, 256, 4, 6)
+    config = backbone.get_config()
+    assert config == {"name": "resnet18", "out_index": 3}
+    assert TimmBackbone(**config).get_config() == config
     model = CrossViewGeoLocalizer(
         backbone,
         GlobalSpatialRelationAttention(256, (4, 4), groups=32),

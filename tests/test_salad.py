@@ -1,10 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, published_matching_probs
 from torch import nn
 
 from gsra_salad import SALAD, dustbin_sinkhorn
+from tests._helpers import DEVICES, published_matching_probs
 
 
 class _PublishedSALAD(nn.Module):

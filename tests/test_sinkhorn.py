@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, TOL, SavedBytes, published_matching_probs
 
 from gsra_salad import dustbin_sinkhorn, log_sinkhorn
 from gsra_salad.ops import _sinkhorn_fused, dustbin_marginals
+from tests._helpers import DEVICES, TOL, SavedBytes, published_matching_probs
 
 SHAPES = [(1, 1, 1), (1, 3, 8), (2, 4, 4), (3, 5, 17), (2, 1, 6)]
 

@@ -2,33 +2,40 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .._optional import require as _require
+
 Transform = Callable[[Tensor], Tensor]
 PairTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def require(module: str, extra: str = "data"):
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ImportError(
-            f"{module} is needed here but not installed: pip install 'gsra-salad[{extra}]'"
-        ) from err
+def require(module: str, extra: str = "data") -> ModuleType:
+    """:func:`gsra_salad._optional.require` with the readers' extra, ``data``, as default."""
+    return _require(module, extra)
 
 
 def load_rgb(path: str | Path) -> Tensor:
-    """Decodes an image file with Pillow into an RGB uint8 tensor (3, H, W)."""
+    """Decodes an image file with Pillow into an RGB uint8 tensor (3, H, W).
+
+    Raises:
+        OSError: naming ``path`` when the file is missing, truncated or not an image (Pillow's
+            own messages do not name the file; its error is chained).
+    """
     image_module = require("PIL.Image")
-    with image_module.open(path) as image:
-        array = np.asarray(image.convert("RGB"))
+    try:
+        with image_module.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+    except OSError as err:  # incl. PIL.UnidentifiedImageError and "image file is truncated"
+        error = FileNotFoundError if isinstance(err, FileNotFoundError) else OSError
+        raise error(f"could not read image {path}: {err}") from err
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 

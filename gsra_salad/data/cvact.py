@@ -45,6 +45,62 @@ def _ids(mat: dict, path: Path) -> np.ndarray:
     return np.array([i.strip() for i in ids])
 
 
+def _names(folder: Path, suffix: str) -> set[str]:
+    """The ids of the files ``<id><suffix>`` in ``folder``."""
+    return {p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}")}
+
+
+def _test_candidates(folder: Path, all_ids: np.ndarray) -> list[tuple[str, int]]:
+    """(id, label) of every id with a panorama or a satellite file under ``ANU_data_test/``.
+
+    Labels are indices into ``panoIds``; ids absent from it get fresh labels after them.
+    """
+    wanted = sorted(
+        _names(folder / "streetview", "_grdView.jpg")
+        | _names(folder / "satview_polish", "_satView_polish.jpg")
+    )
+    index = {pid: i for i, pid in enumerate(all_ids)}
+    candidates, extra = [], len(all_ids)
+    for pid in wanted:
+        if pid in index:
+            candidates.append((pid, index[pid]))
+        else:
+            candidates.append((pid, extra))
+            extra += 1
+    return candidates
+
+
+def _split_candidates(
+    mat: dict, mat_path: Path, split: str, all_ids: np.ndarray
+) -> list[tuple[str, int]]:
+    """(id, label) of the train or val split: ``panoIds[<key>[0][0][1] - 1]`` (1-based)."""
+    key = "trainSet" if split == "train" else "valSet"
+    try:
+        indices = np.asarray(_field(mat, key, mat_path)[0][0][1], dtype=np.int64).reshape(-1) - 1
+    except (IndexError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"CVACT: {mat_path}: {key}[0][0][1] is not a list of indices; {LAYOUT}"
+        ) from err
+    if len(indices) and (indices.min() < 0 or indices.max() >= len(all_ids)):
+        raise ValueError(f"CVACT: {mat_path}: {key} indices fall outside 1..{len(all_ids)}")
+    return [(all_ids[i], int(i)) for i in indices]
+
+
+def _existing_pairs(folder: Path, candidates: list[tuple[str, int]]):
+    """Paths and labels of the candidates whose two files exist, and the ids skipped."""
+    queries, references, labels, skipped = [], [], [], []
+    for pid, label in candidates:
+        q = folder / "streetview" / f"{pid}_grdView.jpg"
+        r = folder / "satview_polish" / f"{pid}_satView_polish.jpg"
+        if not (q.is_file() and r.is_file()):
+            skipped.append(pid)
+            continue
+        queries.append(q)
+        references.append(r)
+        labels.append(label)
+    return queries, references, labels, skipped
+
+
 class CVACT(PairDataset):
     """CVACT pairs: ``train`` / ``val`` from ``ACT_data.mat``, ``test`` from ``ANU_data_test/``.
 
@@ -87,58 +143,20 @@ class CVACT(PairDataset):
             )
         if split == "test":
             folder = check_dir(self.root / "ANU_data_test", "CVACT", LAYOUT)
-            grd = {
-                p.name[: -len("_grdView.jpg")]
-                for p in (folder / "streetview").glob("*_grdView.jpg")
-            }
-            sat = {
-                p.name[: -len("_satView_polish.jpg")]
-                for p in (folder / "satview_polish").glob("*_satView_polish.jpg")
-            }
-            wanted = sorted(grd | sat)
-            index = {pid: i for i, pid in enumerate(all_ids)}
-            labels, extra = [], len(all_ids)
-            for pid in wanted:
-                if pid in index:
-                    labels.append(index[pid])
-                else:
-                    labels.append(extra)
-                    extra += 1
-            candidates = list(zip(wanted, labels))
+            candidates = _test_candidates(folder, all_ids)
         else:
             folder = self.root / "ANU_data_small"
-            key = "trainSet" if split == "train" else "valSet"
-            try:
-                indices = (
-                    np.asarray(_field(mat, key, mat_path)[0][0][1], dtype=np.int64).reshape(-1) - 1
-                )
-            except (IndexError, TypeError, ValueError) as err:
-                raise ValueError(
-                    f"CVACT: {mat_path}: {key}[0][0][1] is not a list of indices; {LAYOUT}"
-                ) from err
-            if len(indices) and (indices.min() < 0 or indices.max() >= len(all_ids)):
-                raise ValueError(f"CVACT: {mat_path}: {key} indices fall outside 1..{len(all_ids)}")
-            candidates = [(all_ids[i], int(i)) for i in indices]
-        queries, references, labels, positions, skipped = [], [], [], [], []
-        for pid, label in candidates:
-            q = folder / "streetview" / f"{pid}_grdView.jpg"
-            r = folder / "satview_polish" / f"{pid}_satView_polish.jpg"
-            if not (q.is_file() and r.is_file()):
-                skipped.append(pid)
-                continue
-            queries.append(q)
-            references.append(r)
-            labels.append(label)
-            positions.append(utm[label] if label < len(utm) else (np.nan, np.nan))
-        self.skipped = skipped
-        if skipped:
+            candidates = _split_candidates(mat, mat_path, split, all_ids)
+        queries, references, labels, self.skipped = _existing_pairs(folder, candidates)
+        if self.skipped:
             warnings.warn(
-                f"CVACT {split}: skipped {len(skipped)} of {len(candidates)} ids whose panorama or "
-                f"satellite file is missing under {folder} (e.g. {skipped[0]})",
+                f"CVACT {split}: skipped {len(self.skipped)} of {len(candidates)} ids whose "
+                f"panorama or satellite file is missing under {folder} (e.g. {self.skipped[0]})",
                 stacklevel=2,
             )
         if not queries:
             raise FileNotFoundError(f"CVACT {split}: no image pairs found under {folder}; {LAYOUT}")
+        positions = [utm[label] if label < len(utm) else (np.nan, np.nan) for label in labels]
         self.split = split
         super().__init__(
             queries,

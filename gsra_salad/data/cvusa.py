@@ -35,6 +35,7 @@ class CVUSA(PairDataset):
 
     Raises:
         FileNotFoundError: naming the missing directory, csv or image, and the expected layout.
+        ValueError: a csv row that is not ``sat,ground,...`` or a csv without any row.
     """
 
     def __init__(
@@ -67,6 +68,8 @@ class CVUSA(PairDataset):
                     ) from err
                 queries.append(self.root / ground)
                 references.append(self.root / sat)
+        if not queries:
+            raise ValueError(f"CVUSA: {csv_path} lists no image pairs (empty file?); {LAYOUT}")
         if check_files:
             for path in (*queries, *references):
                 check_file(path, "CVUSA", LAYOUT)

@@ -90,6 +90,22 @@ def haversine_m(lat_lon_a: np.ndarray, lat_lon_b: np.ndarray) -> np.ndarray:
     return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))
 
 
+def _check_finite_rows(points: np.ndarray | Tensor, name: str) -> None:
+    """Raises a ValueError naming the rows of ``points`` (N, D) that hold NaN or inf. Private."""
+    x = torch.as_tensor(np.asarray(points) if not isinstance(points, Tensor) else points)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty (N, D) array, got shape {tuple(x.shape)}")
+    if x.is_floating_point():
+        bad = (~torch.isfinite(x)).any(1).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"{name} holds NaN or infinite values in {len(bad)} of {x.shape[0]} rows "
+                f"(indices {bad[:10]}{' ...' if len(bad) > 10 else ''}); neighbours of an "
+                "unknown position are undefined: leave those samples out (e.g. "
+                "torch.utils.data.Subset of the other indices, with their labels and positions)"
+            )
+
+
 def nearest_neighbours(
     points: np.ndarray | Tensor, k: int, metric: str = "euclidean", chunk: int = 1024
 ) -> np.ndarray:
@@ -102,6 +118,10 @@ def nearest_neighbours(
             UTM metres) or ``"cosine"`` (embeddings; nearest = most similar).
         chunk: rows per block; memory is O(chunk N).
 
+    Raises:
+        ValueError: for an unknown metric, a k outside [1, N - 1], or points that are not
+            (N, D) or hold NaN / infinite values (the error names the first such rows).
+
     Example:
         >>> nearest_neighbours(np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 5.0]]), 1).tolist()
         [[1], [0], [1]]
@@ -110,6 +130,7 @@ def nearest_neighbours(
         raise ValueError(f"metric must be 'haversine', 'euclidean' or 'cosine', got {metric!r}")
     x = torch.as_tensor(np.asarray(points) if not isinstance(points, Tensor) else points)
     x = x.detach().to(torch.float64).cpu()
+    _check_finite_rows(x, "points")
     n = x.shape[0]
     if not 0 < k < n:
         raise ValueError(f"k must be between 1 and N - 1 = {n - 1}, got {k}")

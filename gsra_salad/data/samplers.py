@@ -5,11 +5,18 @@ would be false negatives. Every sampler here yields batches of distinct labels, 
 for a given ``seed`` and epoch (call ``set_epoch`` like ``DistributedSampler``), and in
 distributed training splits every global batch of ``batch_size * num_replicas`` distinct labels
 into one slice per rank (so labels are distinct across ranks too, for an all-gathered loss).
+
+Every sampler yields the same number of batches in every epoch (``num_batches``, ``len()``), so
+learning-rate schedules sized from ``len(loader)`` do not drift; an epoch is packed once and
+cached, so ``len()`` costs nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import numbers
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -17,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from .geometry import nearest_neighbours
+from .geometry import _check_finite_rows, nearest_neighbours
 
 __all__ = ["NeighbourBatchSampler", "UniqueLabelBatchSampler"]
 
@@ -36,27 +43,47 @@ def _distributed(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
 
 
 class UniqueLabelBatchSampler(Sampler[list[int]]):
-    """Shuffled batches in which no label appears twice.
+    """Shuffled batches in which no label appears twice, the same number in every epoch.
 
     The epoch's order is a seeded permutation; a sample whose label is already in the batch being
-    filled waits for the next batch. With ``drop_last=False`` every sample is used exactly once
-    per epoch (the last batches may be smaller); with ``drop_last=True`` (the default) only full
-    global batches are kept.
+    filled waits for the next batch. Every epoch has exactly ``num_batches`` global batches
+    (``len(sampler) == num_batches``; default: ``N // (batch_size * num_replicas)`` with
+    ``drop_last=True``; with ``drop_last=False`` the ceiling of that, or the number of samples
+    of the most frequent label if larger):
+
+    - ``drop_last=True`` (the default): only full batches. When an epoch's packing gives fewer
+      full batches than ``num_batches`` (labels with many samples leave incomplete batches at
+      the end), the missing ones are re-drawn from a fresh shuffle of all samples (so a few
+      samples appear twice in that epoch); extra ones are dropped.
+    - ``drop_last=False``: every sample is used once per epoch, the last batches may be
+      smaller. When the packing needs more than ``num_batches`` batches, that epoch's samples
+      are instead grouped by label and dealt round-robin over ``num_batches`` batches (batches
+      of about equal size); samples that fit nowhere (a label with more than ``num_batches``
+      samples, with a ``num_batches`` set by hand) are left out of that epoch with a warning.
 
     Args:
         labels: (N,) location id of every sample (e.g. ``dataset.labels``).
         batch_size: samples per batch on each rank.
+        num_batches: global batches per epoch (see above), the same in every epoch. Batches
+            beyond what one pass over the samples fills are re-drawn from fresh shuffles (in
+            both modes; samples then repeat within the epoch).
         seed: base seed; the epoch's permutation uses ``seed + epoch``.
-        drop_last: drop the incomplete global batches at the end of the epoch. Keep it true in
-            distributed training: the incomplete batches are split over the ranks as evenly as
-            possible, which can leave a rank an empty or a smaller batch.
+        drop_last: keep only full global batches. Keep it true in distributed training: the
+            incomplete batches are split over the ranks as evenly as possible, which can leave a
+            rank an empty or a smaller batch.
         num_replicas, rank: distributed split (default: from ``torch.distributed`` if
             initialised, else 1 and 0).
+
+    Raises:
+        ValueError: a global batch needs more distinct labels than there are; a bad
+            ``num_batches`` or rank.
 
     Example:
         >>> sampler = UniqueLabelBatchSampler([0, 0, 1, 1, 2, 2], batch_size=3, seed=0)
         >>> [sorted([0, 0, 1, 1, 2, 2][i] for i in batch) for batch in sampler]
         [[0, 1, 2], [0, 1, 2]]
+        >>> len(sampler)
+        2
     """
 
     def __init__(
@@ -64,6 +91,7 @@ class UniqueLabelBatchSampler(Sampler[list[int]]):
         labels: Sequence[int] | np.ndarray,
         batch_size: int,
         *,
+        num_batches: int | None = None,
         seed: int = 0,
         drop_last: bool = True,
         num_replicas: int | None = None,
@@ -80,33 +108,96 @@ class UniqueLabelBatchSampler(Sampler[list[int]]):
                 f"distinct labels, but there are only {distinct}; use a smaller batch_size"
             )
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        size = batch_size * self.num_replicas
+        if num_batches is None and drop_last:
+            num_batches = len(self.labels) // size
+        elif num_batches is None:  # room for every sample, and for the most frequent label
+            most = int(np.unique(self.labels, return_counts=True)[1].max())
+            num_batches = max(-(-len(self.labels) // size), most)
+        elif isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral):
+            raise TypeError(f"num_batches must be an int or None, got {num_batches!r}")
+        if num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        self.num_batches = int(num_batches)
         self.epoch = 0
+        self._cache: tuple[int, list[list[int]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose batches the next iteration yields (seeds ``seed + epoch``)."""
         self.epoch = epoch
 
     def _order(self) -> np.ndarray:
         return np.random.default_rng(self.seed + self.epoch).permutation(len(self.labels))
 
+    def _pack(self, order: np.ndarray) -> list[list[int]]:
+        """Global batches of distinct labels from ``order`` (full ones first)."""
+        return _pack_unique(order, self.labels, self.batch_size * self.num_replicas)
+
     def _global_batches(self) -> list[list[int]]:
-        return _pack_unique(self._order(), self.labels, self.batch_size * self.num_replicas)
+        """The epoch's ``num_batches`` global batches, packed once per epoch."""
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, self._fit(self._order()))
+        return self._cache[1]
+
+    def _fit(self, order: np.ndarray) -> list[list[int]]:
+        """Exactly ``num_batches`` batches of ``order``: re-draw missing ones or re-deal."""
+        size = self.batch_size * self.num_replicas
+        batches = self._pack(order)
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == size]
+        elif len(batches) > self.num_batches:  # the packing spilled over: deal all samples
+            batches = _deal(order, self.labels, self.num_batches, size, self.epoch)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        while len(batches) < self.num_batches:  # the first batch of a packing is always full
+            batches += [b for b in self._pack(rng.permutation(len(self.labels))) if len(b) == size]
+        return batches[: self.num_batches]
 
     def _local(self, batches: list[list[int]]) -> Iterator[list[int]]:
         size = self.batch_size * self.num_replicas
         for batch in batches:
-            if len(batch) < size:
-                if self.drop_last:
-                    continue
-                # split what there is as evenly as possible over the ranks
+            if len(batch) < size:  # drop_last=False: split as evenly as possible over the ranks
                 yield batch[self.rank :: self.num_replicas]
-                continue
-            yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            else:
+                yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._local(self._global_batches())
 
     def __len__(self) -> int:
-        return sum(1 for _ in self._local(self._global_batches()))
+        return self.num_batches
+
+
+def _deal(order: np.ndarray, labels: np.ndarray, count: int, size: int, epoch: int):
+    """``count`` batches of distinct labels holding every sample of ``order`` that can fit.
+
+    The samples are grouped by label (labels in order of first appearance, so the grouping is
+    as random as ``order``) and dealt round-robin: a label's samples are consecutive, so they
+    land in distinct batches whenever the label has at most ``count`` samples. Samples beyond
+    that, or beyond ``count * size`` in all, are left out with a warning.
+    """
+    rank: dict = {}
+    for index in order:
+        rank.setdefault(labels[index], len(rank))
+    grouped = sorted((int(i) for i in order), key=lambda i: rank[labels[i]])  # stable
+    batches: list[list[int]] = [[] for _ in range(count)]
+    taken: dict = {}
+    left_out, dealt = [], 0
+    for index in grouped:
+        label = labels[index]
+        if taken.get(label, 0) == count or dealt == count * size:
+            left_out.append(index)
+            continue
+        batches[dealt % count].append(index)
+        taken[label] = taken.get(label, 0) + 1
+        dealt += 1
+    if left_out:
+        warnings.warn(
+            f"epoch {epoch}: {len(left_out)} sample(s) fit in none of the {count} batches "
+            f"without repeating a label (e.g. index {left_out[0]}, label {labels[left_out[0]]}) "
+            "and are left out of this epoch; raise num_batches to use them",
+            stacklevel=5,
+        )
+    return batches
 
 
 def _pack_unique(order: np.ndarray, labels: np.ndarray, size: int) -> list[list[int]]:
@@ -144,13 +235,23 @@ class NeighbourBatchSampler(UniqueLabelBatchSampler):
     (latitude, longitude) degrees or Euclidean UTM metres, computed once) or from the last
     embeddings (:meth:`from_embeddings`, or :meth:`update_embeddings` between epochs). A batch
     takes an unused anchor, then its unused neighbours of distinct labels, then the next anchor,
-    until full. Every sample is used at most once per epoch; labels in a batch are distinct.
+    until full. Labels in a batch are distinct; every epoch has ``num_batches`` batches, with
+    the same padding and truncation as :class:`UniqueLabelBatchSampler`.
 
     Args:
         labels: (N,) location ids.
         neighbours: (N, k) indices of each sample's nearest other samples.
-        batch_size, seed, drop_last, num_replicas, rank: as :class:`UniqueLabelBatchSampler`.
+        batch_size, num_batches, seed, drop_last, num_replicas, rank: as
+            :class:`UniqueLabelBatchSampler`.
         neighbours_per_anchor: how many of an anchor's neighbours join its batch.
+
+    Example:
+        >>> positions = np.array([[0.0, 0.0], [0.0, 1.0], [50.0, 0.0], [50.0, 1.0]])
+        >>> sampler = NeighbourBatchSampler.from_positions(
+        ...     [0, 1, 2, 3], positions, batch_size=2, metric="euclidean", k=1
+        ... )
+        >>> sorted(sorted(batch) for batch in sampler)
+        [[0, 1], [2, 3]]
     """
 
     def __init__(
@@ -160,13 +261,20 @@ class NeighbourBatchSampler(UniqueLabelBatchSampler):
         batch_size: int,
         *,
         neighbours_per_anchor: int = 3,
+        num_batches: int | None = None,
         seed: int = 0,
         drop_last: bool = True,
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
         super().__init__(
-            labels, batch_size, seed=seed, drop_last=drop_last, num_replicas=num_replicas, rank=rank
+            labels,
+            batch_size,
+            num_batches=num_batches,
+            seed=seed,
+            drop_last=drop_last,
+            num_replicas=num_replicas,
+            rank=rank,
         )
         neighbours = np.asarray(neighbours)
         if neighbours.ndim != 2 or len(neighbours) != len(self.labels):
@@ -188,23 +296,40 @@ class NeighbourBatchSampler(UniqueLabelBatchSampler):
         cache: str | os.PathLike | None = None,
         **kwargs,
     ) -> NeighbourBatchSampler:
-        """Geographic neighbours: ``metric="haversine"`` for (lat, lon) degrees, ``"euclidean"``
-        for UTM metres (CVACT's ``positions``). With ``cache`` (a ``.npy`` path) the
-        neighbour lists are computed once and read back on later runs (recomputed if the
-        cached array does not fit: other N or fewer than k neighbours)."""
+        """Geographic neighbours of (N, 2) ``positions``.
+
+        Args:
+            labels: (N,) location ids.
+            positions: (N, 2): (latitude, longitude) degrees for ``metric="haversine"``, UTM
+                metres for ``"euclidean"`` (CVACT's ``positions``). NaN or infinite rows are
+                rejected (their neighbours are undefined): leave those samples out, e.g. CVACT
+                test ids without a UTM position.
+            batch_size: samples per batch on each rank.
+            metric: ``"haversine"`` or ``"euclidean"``.
+            k: neighbours per sample (at most N - 1).
+            cache: a file for the neighbour lists (NumPy ``.npz`` format, whatever its name).
+                It holds a hash of ``positions``, ``metric`` and ``k`` and is used only when
+                all three match, else recomputed and rewritten.
+            **kwargs: the constructor's keyword arguments (``num_batches``, ``seed``, ...).
+
+        Raises:
+            ValueError: positions not (N, 2), holding NaN or inf (naming the rows), or not
+                one per label.
+        """
+        positions = np.asarray(positions, dtype=np.float64)
+        _check_finite_rows(positions, "positions")
+        if positions.shape[1] != 2 or len(positions) != len(np.asarray(labels).reshape(-1)):
+            raise ValueError(
+                f"positions must be (N, 2) with one row per label, got {positions.shape} for "
+                f"{len(np.asarray(labels).reshape(-1))} labels"
+            )
         k = min(k, len(positions) - 1)
-        neighbours = None
-        if cache is not None and Path(cache).is_file():
-            stored = np.load(cache)
-            if stored.ndim == 2 and stored.shape[0] == len(positions) and stored.shape[1] >= k:
-                neighbours = stored[:, :k]
+        key = _neighbours_key(positions, metric, k)
+        neighbours = _read_cache(cache, key) if cache is not None else None
         if neighbours is None:
             neighbours = nearest_neighbours(positions, k, metric)
             if cache is not None:
-                Path(cache).parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(cache).with_suffix(".tmp.npy")
-                np.save(tmp, neighbours)
-                os.replace(tmp, cache)
+                _write_cache(Path(cache), key, neighbours)
         return cls(labels, neighbours, batch_size, **kwargs)
 
     @classmethod
@@ -216,12 +341,12 @@ class NeighbourBatchSampler(UniqueLabelBatchSampler):
         return cls(labels, nearest_neighbours(embeddings, k, "cosine"), batch_size, **kwargs)
 
     def update_embeddings(self, embeddings, k: int | None = None) -> None:
-        """Recomputes the neighbour lists from new (N, D) embeddings."""
+        """Recomputes the neighbour lists from new (N, D) embeddings (from the next epoch on)."""
         k = k or self.neighbours.shape[1]
         self.neighbours = nearest_neighbours(embeddings, min(k, len(embeddings) - 1), "cosine")
+        self._cache = None
 
-    def _global_batches(self) -> list[list[int]]:
-        order = self._order()
+    def _pack(self, order: np.ndarray) -> list[list[int]]:
         size = self.batch_size * self.num_replicas
         used = np.zeros(len(self.labels), dtype=bool)
         batches: list[list[int]] = []
@@ -253,3 +378,33 @@ class NeighbourBatchSampler(UniqueLabelBatchSampler):
         if rest:
             batches += _pack_unique(np.asarray(rest, dtype=np.int64), self.labels, size)
         return batches
+
+
+def _neighbours_key(positions: np.ndarray, metric: str, k: int) -> str:
+    digest = hashlib.sha256(f"{metric}|k={k}|shape={positions.shape}|".encode())
+    digest.update(np.ascontiguousarray(positions, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def _read_cache(path: str | os.PathLike, key: str) -> np.ndarray | None:
+    """The cached neighbour lists if ``path`` holds them for ``key``, else None."""
+    if not Path(path).is_file():
+        return None
+    try:
+        stored = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None  # unreadable or another format: recompute
+    if not isinstance(stored, np.lib.npyio.NpzFile):
+        return None  # e.g. a bare .npy of an older version, which held no key
+    with stored:
+        if set(stored.files) != {"key", "neighbours"} or str(stored["key"]) != key:
+            return None
+        return stored["neighbours"]
+
+
+def _write_cache(path: Path, key: str, neighbours: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        np.savez(f, key=np.array(key), neighbours=neighbours)
+    os.replace(tmp, path)

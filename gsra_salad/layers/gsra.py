@@ -195,3 +195,12 @@ class GlobalSpatialRelationAttention(nn.Module):
         weight = x_h.sigmoid() * x_w.permute(0, 1, 3, 2).sigmoid() * g.sigmoid()
         out = self.gn(gx * weight)
         return out.view(b, self.groups, ci, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+    def get_config(self) -> dict[str, object]:
+        """Constructor arguments as JSON values: ``type(m)(**m.get_config())`` rebuilds it."""
+        return {
+            "channels": self.channels,
+            "spatial_size": list(self.spatial_size),
+            "groups": self.groups,
+            "impl": self.impl,
+        }

@@ -173,3 +173,15 @@ class SALAD(nn.Module):
             t = F.normalize(self.token_features(token), p=2, dim=-1)
             desc = torch.cat([t, desc], dim=-1)
         return F.normalize(desc, p=2, dim=-1)
+
+    def get_config(self) -> dict[str, object]:
+        """Constructor arguments as JSON values: ``type(m)(**m.get_config())`` rebuilds it."""
+        return {
+            "num_channels": self.num_channels,
+            "num_clusters": self.num_clusters,
+            "cluster_dim": self.cluster_dim,
+            "token_dim": self.token_dim,
+            "dropout": float(getattr(self, "dropout", self.cluster_features[1].p)),
+            "sinkhorn_iters": self.sinkhorn_iters,
+            "impl": self.impl,
+        }

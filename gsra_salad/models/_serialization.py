@@ -31,8 +31,17 @@ _LRFR_PREFIXES = {
 }
 
 
+# keys under which training scripts nest the model's state dict beside other entries
+_NESTING_KEYS = ("state_dict", "model_state_dict", "model")
+
+
 def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A state dict from a mapping or a file (``.safetensors`` or a ``torch.save`` file)."""
+    """A state dict from a mapping or a file (``.safetensors`` or a ``torch.save`` file).
+
+    A training checkpoint that nests the state dict under ``"state_dict"``,
+    ``"model_state_dict"`` or ``"model"`` (beside an epoch, an optimizer state, ...) is
+    unwrapped.
+    """
     if isinstance(source, Mapping):
         state = dict(source)
     else:
@@ -40,10 +49,11 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[st
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         state = _load_weights_file(path)
-    for key in ("state_dict", "model_state_dict"):
+    for key in _NESTING_KEYS:
         inner = state.get(key)
         if isinstance(inner, Mapping) and not all(isinstance(v, Tensor) for v in state.values()):
             state = dict(inner)
+            break
     bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if bad:
         raise ValueError(f"the checkpoint is not a state dict: entries {bad[:5]} are not tensors")
@@ -64,9 +74,13 @@ def convert_lrfr_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_strict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists what differs and why."""
+    """``load_state_dict(strict=True)`` with an error that lists what differs and why.
+
+    Like torch, accepts a state dict without BatchNorm's ``num_batches_tracked`` buffers
+    (written before torch 0.4.1, or dropped by conversion scripts): torch keeps the module's own.
+    """
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    missing = sorted(k for k in set(own) - set(state) if not _filled_by_torch(model, k))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(
         (k, tuple(state[k].shape), tuple(own[k].shape))
@@ -83,7 +97,16 @@ def load_strict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> N
             lines.append(f"  shape of {key}: checkpoint {got}, model {want}")
         lines += [f"  likely cause: {c}" for c in _likely_causes(missing, unexpected, shapes)]
         raise ValueError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
+    # a plain dict has no _metadata: torch then fills missing num_batches_tracked buffers
+    model.load_state_dict(dict(state), strict=True)
+
+
+def _filled_by_torch(model: nn.Module, key: str) -> bool:
+    prefix, _, name = key.rpartition(".")
+    if name != "num_batches_tracked":
+        return False
+    owner = model.get_submodule(prefix)
+    return isinstance(owner, nn.modules.batchnorm._NormBase) and owner.track_running_stats
 
 
 def _few(keys: list[str], n: int = 6) -> str:
@@ -102,6 +125,11 @@ def _likely_causes(missing, unexpected, shapes) -> list[str]:
                 f"({size} for a square image): pass that img_size"
             )
             break
+    if any(k.startswith("reference_attention.") for k in missing):
+        causes.append(
+            "the model has one attention per view (query_img_size gives another feature-map size "
+            "than img_size) but the checkpoint has one: build the model for one image size"
+        )
     if any(k.startswith("model.") for k in unexpected):
         causes.append("keys start with 'model.': use CrossViewGeoLocalizer.from_lrfr_checkpoint")
     backbone_diff = [k for k in missing + unexpected if k.startswith("backbone.")]

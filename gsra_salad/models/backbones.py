@@ -2,15 +2,14 @@
 
 Any ``nn.Module`` that maps images (B, 3, H, W) to features (B, C, h, w) can serve as a backbone
 of :class:`~gsra_salad.CrossViewGeoLocalizer`. The adapters here also carry ``out_channels``,
-``stride`` (so a head can be sized for an image size) and ``config`` (so
-``save_pretrained`` can rebuild them). torchvision and timm are optional: they are imported
-only when such a backbone is built.
+``stride`` (so a head can be sized for an image size) and ``get_config()`` (their constructor
+arguments, so ``save_pretrained`` can rebuild them; see
+:func:`~gsra_salad.models.register_component` for your own backbone). torchvision and timm are
+optional: they are imported only when such a backbone is built.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -19,23 +18,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .._optional import require
 from ..ops._dispatch import is_tracing
+from ._registry import register_component
 
-__all__ = ["ConvNeXtTrunk", "TimmBackbone", "TinyCNN", "build_backbone", "feature_size"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["ConvNeXtTrunk", "TimmBackbone", "TinyCNN", "feature_size"]
 
 _CONVNEXT_CHANNELS = {"tiny": 384, "small": 384, "base": 512, "large": 768}
-
-
-def _require(module: str, extra: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ImportError(
-            f"this backbone needs {module}, which is not installed: "
-            f"pip install 'gsra-salad[{extra}]'"
-        ) from err
 
 
 def feature_size(image_size: int | tuple[int, int], stride: int) -> tuple[int, int]:
@@ -49,6 +38,7 @@ def feature_size(image_size: int | tuple[int, int], stride: int) -> tuple[int, i
     return h // stride, w // stride
 
 
+@register_component
 class ConvNeXtTrunk(nn.Module):
     """torchvision's ConvNeXt truncated after its third stage (stride 16), as in LRFR.
 
@@ -85,7 +75,7 @@ class ConvNeXtTrunk(nn.Module):
             raise ValueError(
                 f"variant must be one of {sorted(_CONVNEXT_CHANNELS)}, got {variant!r}"
             )
-        tv = _require("torchvision.models", "torchvision")
+        tv = require("torchvision.models", "torchvision")
         build = getattr(tv, f"convnext_{variant}")
         model = build(weights=None, stochastic_depth_prob=stochastic_depth_prob)
         if weights is True:
@@ -95,11 +85,15 @@ class ConvNeXtTrunk(nn.Module):
         self.features = nn.Sequential(*list(model.features.children())[:-2])
         self.variant = variant
         self.grad_checkpointing = grad_checkpointing
+        self.stochastic_depth_prob = stochastic_depth_prob
         self.out_channels = _CONVNEXT_CHANNELS[variant]
-        self.config: dict[str, Any] = {
-            "type": "convnext",
-            "variant": variant,
-            "stochastic_depth_prob": stochastic_depth_prob,
+
+    def get_config(self) -> dict[str, Any]:
+        """Constructor arguments (``weights`` left out: the rebuilt trunk starts random)."""
+        return {
+            "variant": self.variant,
+            "stochastic_depth_prob": self.stochastic_depth_prob,
+            "grad_checkpointing": self.grad_checkpointing,
         }
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -155,6 +149,7 @@ def _load_local_weights(model: nn.Module, path: str | os.PathLike) -> None:
     )
 
 
+@register_component
 class TimmBackbone(nn.Module):
     """Any timm model as a backbone: ``features_only=True``, one chosen stage.
 
@@ -171,7 +166,7 @@ class TimmBackbone(nn.Module):
 
     def __init__(self, name: str, out_index: int = -1, pretrained: bool = False, **kwargs) -> None:
         super().__init__()
-        timm = _require("timm", "timm")
+        timm = require("timm", "timm")
         probe = timm.create_model(name, features_only=True, pretrained=False, **kwargs)
         n_stages = len(probe.feature_info)
         index = out_index % n_stages
@@ -182,18 +177,23 @@ class TimmBackbone(nn.Module):
         info = self.model.feature_info
         self.out_channels = int(info.channels()[-1])
         self.stride = int(info.reduction()[-1])
-        self.config = {"type": "timm", "name": name, "out_index": out_index, "kwargs": kwargs}
+        self.name, self.out_index, self.kwargs = name, out_index, dict(kwargs)
+
+    def get_config(self) -> dict[str, Any]:
+        """Constructor arguments (``pretrained`` left out: the rebuilt model starts random)."""
+        return {"name": self.name, "out_index": self.out_index, **self.kwargs}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Forwards to timm's ``set_grad_checkpointing`` (models that support it)."""
         if not hasattr(self.model, "set_grad_checkpointing"):
-            raise NotImplementedError(f"timm's {self.config['name']} has no gradient checkpointing")
+            raise NotImplementedError(f"timm's {self.name} has no gradient checkpointing")
         self.model.set_grad_checkpointing(enable)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)[-1]
 
 
+@register_component
 class TinyCNN(nn.Module):
     """A small stride-16 CNN (four conv-BN-ReLU stages) for tests and CPU demos.
 
@@ -226,21 +226,11 @@ class TinyCNN(nn.Module):
             channels = nxt
         self.features = nn.Sequential(*layers)
         self.out_channels = out_channels
-        self.config = {"type": "tiny", "out_channels": out_channels, "width": width}
+        self.width = width
+
+    def get_config(self) -> dict[str, Any]:
+        """Constructor arguments: ``TinyCNN(**m.get_config())`` rebuilds the architecture."""
+        return {"out_channels": self.out_channels, "width": self.width}
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x)
-
-
-def build_backbone(config: dict[str, Any]) -> nn.Module:
-    """Rebuilds a backbone from its ``config`` (random weights)."""
-    config = dict(config)
-    kind = config.pop("type", None)
-    if kind == "convnext":
-        return ConvNeXtTrunk(**config)
-    if kind == "timm":
-        kwargs = config.pop("kwargs", {})
-        return TimmBackbone(**config, **kwargs)
-    if kind == "tiny":
-        return TinyCNN(**config)
-    raise ValueError(f"unknown backbone config type {kind!r}")

@@ -12,19 +12,38 @@ from torch import Tensor, nn
 
 from ..layers import SALAD, GlobalSpatialRelationAttention
 from . import _serialization
-from .backbones import ConvNeXtTrunk, build_backbone, feature_size
+from ._registry import build_component, component_config
+from .backbones import ConvNeXtTrunk, feature_size
 
 __all__ = ["CrossViewGeoLocalizer"]
+
+View = Literal["query", "reference"]
+
+_LRFR_DEFAULTS: dict[str, Any] = {
+    "backbone_variant": "tiny",
+    "groups": 32,
+    "num_clusters": 128,
+    "cluster_dim": 64,
+    "dropout": 0.3,
+    "sinkhorn_iters": 3,
+    "impl": "auto",
+    "share_weights": True,
+    "stochastic_depth_prob": 0.1,
+}
 
 
 class CrossViewGeoLocalizer(nn.Module):
     """A retrieval model for cross-view geo-localization: one descriptor per image.
 
-    ``embed(images)`` runs ``backbone -> attention -> aggregation`` and L2-normalises the result,
-    so the dot product of two descriptors is their cosine similarity. ``forward(query)`` returns
-    the query descriptors; ``forward(query, reference)`` returns both views' descriptors, the
-    reference view through the same weights (``share_weights=True``, as in LRFR) or through a
-    second copy of the whole stack (``share_weights=False``).
+    ``embed(images, view)`` runs ``backbone -> attention -> aggregation`` and L2-normalises the
+    result, so the dot product of two descriptors is their cosine similarity.
+    ``forward(query)`` returns the query descriptors; ``forward(query, reference)`` returns both
+    views' descriptors, the reference view through the same weights (``share_weights=True``, as
+    in LRFR) or through a second copy of the whole stack (``share_weights=False``).
+
+    Views of different sizes (e.g. CVUSA's (140, 768) panoramas against 384 x 384 satellite
+    tiles): a GSRA is built for one feature-map size, so give the reference view its own
+    ``reference_attention``; the trunk and the aggregation stay shared.
 
     Under ``torch.autocast`` (bfloat16 on CPU, float16 / bfloat16 on CUDA) the Sinkhorn solve
     stays in float32 and the descriptors have a cosine similarity of at least 0.99 to the
@@ -32,9 +51,13 @@ class CrossViewGeoLocalizer(nn.Module):
 
     Args:
         backbone: any module mapping images (B, 3, H, W) to features (B, C, h, w).
-        attention: a module (B, C, h, w) -> (B, C, h, w), or ``None`` for none.
+        attention: a module (B, C, h, w) -> (B, C, h, w), or ``None`` for none; the query
+            view's, and the reference view's too unless ``reference_attention`` is given.
         aggregation: a module mapping features (B, C, h, w) to descriptors (B, D).
         share_weights: one stack for both views (``True``) or a copy for the reference view.
+        reference_attention: the reference view's attention when its feature maps differ in
+            size from the query view's (``None``: the reference view uses ``attention``). With
+            ``share_weights=False`` it becomes the attention of the reference stack.
 
     Shape:
         - Input: query (B, 3, H, W); reference (B', 3, H', W') (its own size is allowed)
@@ -45,12 +68,13 @@ class CrossViewGeoLocalizer(nn.Module):
         >>> from gsra_salad.models import TinyCNN
         >>> model = CrossViewGeoLocalizer(
         ...     TinyCNN(32),
-        ...     GlobalSpatialRelationAttention(32, (4, 4), groups=8),
+        ...     GlobalSpatialRelationAttention(32, (2, 8), groups=8),  # query: 32 x 128 panoramas
         ...     SALAD(32, num_clusters=8, cluster_dim=4, token_dim=0),
+        ...     reference_attention=GlobalSpatialRelationAttention(32, (4, 4), groups=8),  # 64 x 64
         ... )
-        >>> q, r = model(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64))
-        >>> q.shape, model.descriptor_dim
-        (torch.Size([2, 32]), 32)
+        >>> q, r = model(torch.randn(2, 3, 32, 128), torch.randn(2, 3, 64, 64))
+        >>> q.shape, r.shape, model.descriptor_dim
+        (torch.Size([2, 32]), torch.Size([2, 32]), 32)
     """
 
     def __init__(
@@ -60,27 +84,36 @@ class CrossViewGeoLocalizer(nn.Module):
         aggregation: nn.Module,
         *,
         share_weights: bool = True,
+        reference_attention: nn.Module | None = None,
     ) -> None:
         super().__init__()
         for name, module in (("backbone", backbone), ("aggregation", aggregation)):
             if not isinstance(module, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
-        if attention is not None and not isinstance(attention, nn.Module):
-            raise TypeError(f"attention must be an nn.Module or None, got {type(attention)}")
+        optional = {"attention": attention, "reference_attention": reference_attention}
+        for name, module in optional.items():
+            if module is not None and not isinstance(module, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module or None, got {type(module)}")
         self.backbone = backbone
         self.attention = attention if attention is not None else nn.Identity()
         self.aggregation = aggregation
         self.share_weights = share_weights
         self.reference_stack: nn.ModuleDict | None = None
-        if not share_weights:
+        self.reference_attention: nn.Module | None = None
+        if share_weights:
+            self.reference_attention = reference_attention
+        else:
             self.reference_stack = nn.ModuleDict(
                 {
                     "backbone": copy.deepcopy(backbone),
-                    "attention": copy.deepcopy(self.attention),
+                    "attention": (
+                        reference_attention
+                        if reference_attention is not None
+                        else copy.deepcopy(self.attention)
+                    ),
                     "aggregation": copy.deepcopy(aggregation),
                 }
             )
-        self.config: dict[str, Any] | None = None  # set by lrfr() / describe(); for from_pretrained
 
     # -- construction --------------------------------------------------------------------------
 
@@ -89,70 +122,62 @@ class CrossViewGeoLocalizer(nn.Module):
         cls,
         img_size: int | tuple[int, int] = 384,
         pretrained_backbone: bool | str | os.PathLike = False,
+        *,
+        query_img_size: int | tuple[int, int] | None = None,
         **overrides: Any,
     ) -> CrossViewGeoLocalizer:
         """The paper's model: ConvNeXt-Tiny stage-3 trunk, GSRA and SALAD (128 x 64, no token).
 
         Args:
-            img_size: input size, an int (square) or (H, W) (e.g. panoramas); the feature map is
-                (H // 16, W // 16), which GSRA is built for.
+            img_size: the reference (satellite / aerial) view's input size, an int (square) or
+                (H, W); the feature map is (H // 16, W // 16), which GSRA is built for.
             pretrained_backbone: ``False``; ``True`` for torchvision's ImageNet weights (from its
                 cache or the network); or the path of a local weights file.
+            query_img_size: the query (ground panorama or drone) view's input size; default
+                ``img_size``. When the two feature maps differ in size the model holds one GSRA
+                per view (``attention`` for the query, ``reference_attention`` for the
+                reference) and shares the trunk and SALAD, e.g. CVUSA's
+                ``lrfr(img_size=384, query_img_size=(140, 768))``.
             **overrides: ``backbone_variant`` ("tiny"), ``groups`` (32), ``num_clusters``
                 (128), ``cluster_dim`` (64), ``dropout`` (0.3), ``sinkhorn_iters`` (3),
                 ``impl`` ("auto"), ``share_weights`` (True), ``stochastic_depth_prob`` (0.1).
+
+        Returns:
+            The model, in training mode, with random weights (but for the trunk's, if
+            ``pretrained_backbone`` says so).
+
+        Raises:
+            ValueError: an image size too small for SALAD's clusters or giving an odd number of
+                feature positions.
+            TypeError: an unknown override.
 
         Example (needs the ``torchvision`` extra)::
 
             model = CrossViewGeoLocalizer.lrfr(img_size=384)
             model.descriptor_dim  # 8192
+            cvusa = CrossViewGeoLocalizer.lrfr(img_size=384, query_img_size=(140, 768))
         """
-        options = {
-            "backbone_variant": "tiny",
-            "groups": 32,
-            "num_clusters": 128,
-            "cluster_dim": 64,
-            "dropout": 0.3,
-            "sinkhorn_iters": 3,
-            "impl": "auto",
-            "share_weights": True,
-            "stochastic_depth_prob": 0.1,
-        }
-        unknown = set(overrides) - set(options)
-        if unknown:
-            raise TypeError(
-                f"lrfr() got unknown overrides {sorted(unknown)}; known: {sorted(options)}"
-            )
-        options.update(overrides)
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        h, w = feature_size(size, ConvNeXtTrunk.stride)
-        if h * w < options["num_clusters"] or (h * w) % 2:
-            raise ValueError(
-                f"lrfr(img_size={img_size}): the stride-16 feature map is {h}x{w} = {h * w} "
-                f"positions, but SALAD needs at least num_clusters={options['num_clusters']} and "
-                "GSRA an even number; use an image of at least 192x192 pixels (e.g. 384)"
-            )
+        options = _lrfr_options(overrides)
+        clusters = options["num_clusters"]
+        reference_hw = _lrfr_feature_size("img_size", img_size, clusters)
+        query_hw = reference_hw
+        if query_img_size is not None:
+            query_hw = _lrfr_feature_size("query_img_size", query_img_size, clusters)
         backbone = ConvNeXtTrunk(
             options["backbone_variant"],
             weights=pretrained_backbone or None,
             stochastic_depth_prob=options["stochastic_depth_prob"],
         )
         channels = backbone.out_channels
-        attention = GlobalSpatialRelationAttention(
-            channels, (h, w), groups=options["groups"], impl=options["impl"]
+        return cls(
+            backbone,
+            _lrfr_gsra(channels, query_hw, options),
+            _lrfr_salad(channels, options),
+            share_weights=options["share_weights"],
+            reference_attention=(
+                _lrfr_gsra(channels, reference_hw, options) if reference_hw != query_hw else None
+            ),
         )
-        aggregation = SALAD(
-            channels,
-            options["num_clusters"],
-            options["cluster_dim"],
-            token_dim=0,
-            dropout=options["dropout"],
-            sinkhorn_iters=options["sinkhorn_iters"],
-            impl=options["impl"],
-        )
-        model = cls(backbone, attention, aggregation, share_weights=options["share_weights"])
-        model.config = {"architecture": "lrfr", "img_size": list(size), "options": options}
-        return model
 
     @classmethod
     def from_lrfr_checkpoint(
@@ -161,10 +186,21 @@ class CrossViewGeoLocalizer(nn.Module):
         img_size: int | tuple[int, int] = 384,
         **overrides: Any,
     ) -> CrossViewGeoLocalizer:
-        """Loads a published LRFR checkpoint (strictly) into :meth:`lrfr`'s model.
+        """Loads a published LRFR checkpoint (strictly) into :meth:`lrfr`'s model, in eval mode.
 
         The checkpoint holds ``model.backbone.backbone.*`` (torchvision ConvNeXt features[:-2]),
-        ``model.attention.*`` and ``model.aggregation.*``, optionally prefixed ``module.``.
+        ``model.attention.*`` and ``model.aggregation.*``, optionally prefixed ``module.`` and
+        optionally nested under a ``"state_dict"`` or ``"model"`` key. The model is returned in
+        ``eval()`` mode (dropout off, BatchNorm running statistics), ready for inference: call
+        ``.train()`` to fine-tune.
+
+        Args:
+            path_or_state_dict: a ``torch.save`` / ``.safetensors`` file or a state dict.
+            img_size: the image size the checkpoint was trained at (GSRA depends on it).
+            **overrides: passed to :meth:`lrfr`.
+
+        Returns:
+            The model, in eval mode.
 
         Raises:
             ValueError: listing missing, unexpected and mis-shaped keys, and the likely cause
@@ -174,49 +210,102 @@ class CrossViewGeoLocalizer(nn.Module):
         model = cls.lrfr(img_size=img_size, **overrides)
         converted = _serialization.convert_lrfr_state_dict(state)
         _serialization.load_strict(model, converted, source="LRFR checkpoint")
-        return model
+        return model.eval()
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> CrossViewGeoLocalizer:
-        """Rebuilds a model saved by :meth:`save_pretrained` (config + weights), without code.
+        """Rebuilds a model saved by :meth:`save_pretrained` (config + weights), in eval mode.
 
-        Loading never executes pickled code: weights are read with safetensors or with
-        ``torch.load(weights_only=True)``, and their SHA-256 is checked against the config.
+        Each component is rebuilt from its registered type and ``get_config()`` (see
+        :func:`gsra_salad.models.register_component`; register your own classes before
+        loading). Loading never executes pickled code: weights are read with safetensors or with
+        ``torch.load(weights_only=True)``, and their SHA-256 is checked against the config. The
+        model is returned in ``eval()`` mode, ready for inference: call ``.train()`` to
+        fine-tune.
+
+        Args:
+            directory: a directory written by :meth:`save_pretrained`.
+
+        Returns:
+            The model, in eval mode.
+
+        Raises:
+            FileNotFoundError: no ``config.json`` or weights file.
+            ValueError: an invalid or incomplete config (naming the file and the key), an
+                unknown component type, or weights that do not match the config.
         """
-        config, state = _serialization.read_pretrained(Path(directory))
-        model = cls._from_config(config)
+        directory = Path(directory)
+        config, state = _serialization.read_pretrained(directory)
+        source = str(directory / _serialization.CONFIG_NAME)
+        model = cls._from_config(config, source)
         _serialization.load_strict(model, state, source=str(directory))
-        return model
+        return model.eval()
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Writes ``config.json`` and the weights (safetensors if installed) to ``directory``."""
+        """Writes ``config.json`` (:meth:`describe`) and the weights to ``directory``.
+
+        The weights are written as safetensors if installed (else ``torch.save``), atomically.
+
+        Args:
+            directory: created if missing; files already there are replaced.
+
+        Returns:
+            ``directory``.
+
+        Raises:
+            ValueError: a component whose class is not registered (see :meth:`describe`).
+        """
         return _serialization.write_pretrained(self, Path(directory), self.describe())
 
     def describe(self) -> dict[str, Any]:
-        """The JSON-serialisable constructor config :meth:`from_pretrained` rebuilds from."""
-        if self.config is not None:
-            return self.config
+        """The JSON-serialisable config :meth:`from_pretrained` rebuilds the model from.
+
+        ``{"architecture": "modules", "backbone": ..., "attention": ..., "aggregation": ...,
+        "reference_attention": ..., "share_weights": ...}``, each component as
+        ``{"type": <registered name>, **module.get_config()}`` (``None`` for no attention).
+
+        Returns:
+            The config dict.
+
+        Raises:
+            ValueError: a component whose class is not registered with
+                :func:`gsra_salad.models.register_component`.
+        """
+        if self.reference_stack is not None:
+            reference_attention = self.reference_stack["attention"]
+        else:
+            reference_attention = self.reference_attention
         return {
             "architecture": "modules",
-            "backbone": _component_config("backbone", self.backbone),
-            "attention": _component_config("attention", self.attention),
-            "aggregation": _component_config("aggregation", self.aggregation),
+            "backbone": component_config(self.backbone, "backbone"),
+            "attention": _optional_config(self.attention, "attention"),
+            "aggregation": component_config(self.aggregation, "aggregation"),
+            "reference_attention": _optional_config(reference_attention, "reference_attention"),
             "share_weights": self.share_weights,
         }
 
     @classmethod
-    def _from_config(cls, config: dict[str, Any]) -> CrossViewGeoLocalizer:
-        arch = config.get("architecture")
-        if arch == "lrfr":
-            return cls.lrfr(img_size=tuple(config["img_size"]), **config["options"])
-        if arch == "modules":
-            return cls(
-                build_backbone(config["backbone"]),
-                _build_component(config["attention"]),
-                _build_component(config["aggregation"]),
-                share_weights=config["share_weights"],
-            )
-        raise ValueError(f"unknown architecture {arch!r} in config")
+    def _from_config(cls, config: dict[str, Any], source: str) -> CrossViewGeoLocalizer:
+        arch = config.get("architecture") if isinstance(config, dict) else None
+        if arch == "lrfr":  # written by 0.1.0.dev0 for lrfr() models
+            size = _config_key(config, "img_size", source)
+            return cls.lrfr(img_size=tuple(size), **_config_key(config, "options", source))
+        if arch != "modules":
+            raise ValueError(f"{source}: unknown architecture {arch!r} in the model config")
+
+        def build(key: str) -> nn.Module | None:
+            value = _config_key(config, key, source)
+            return None if value is None else build_component(_upgrade(value), source)
+
+        return cls(
+            build("backbone"),
+            build("attention"),
+            build("aggregation"),
+            share_weights=_config_key(config, "share_weights", source),
+            reference_attention=build("reference_attention")
+            if "reference_attention" in config
+            else None,
+        )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Trade compute for memory in training: the backbone(s) recompute their activations in
@@ -246,23 +335,37 @@ class CrossViewGeoLocalizer(nn.Module):
         return int(dim)
 
     def _stack(self, view: str) -> tuple[nn.Module, nn.Module, nn.Module]:
-        if view == "reference" and self.reference_stack is not None:
-            s = self.reference_stack
-            return s["backbone"], s["attention"], s["aggregation"]
+        if view == "reference":
+            if self.reference_stack is not None:
+                s = self.reference_stack
+                return s["backbone"], s["attention"], s["aggregation"]
+            if self.reference_attention is not None:
+                return self.backbone, self.reference_attention, self.aggregation
         return self.backbone, self.attention, self.aggregation
 
-    def embed(self, images: Tensor, view: Literal["query", "reference"] = "query") -> Tensor:
+    def embed(self, images: Tensor, view: View = "query") -> Tensor:
         """Descriptors of a batch of images: (B, 3, H, W) -> (B, D), unit L2 norm.
 
-        ``view`` picks the stack when ``share_weights=False``.
+        Args:
+            images: float images, normalised as the backbone expects (the readers return
+                uint8: apply :func:`gsra_salad.data.eval_transform` or your own normalisation).
+            view: ``"query"`` or ``"reference"``: picks the attention (views of different
+                sizes) and the stack (``share_weights=False``).
+
+        Returns:
+            (B, D) descriptors of unit L2 norm.
+
+        Raises:
+            TypeError: images that are not a floating-point tensor.
+            ValueError: not 4-D, an unknown ``view``, or an image size the view's attention
+                was not built for.
         """
         if view not in ("query", "reference"):
             raise ValueError(f"view must be 'query' or 'reference', got {view!r}")
-        if not isinstance(images, Tensor) or images.dim() != 4:
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"images must have shape (B, 3, H, W), got {shape}")
+        _check_images(images)
         backbone, attention, aggregation = self._stack(view)
         features = backbone(images)
+        self._check_feature_size(features, images, view, attention)
         features = attention(features)
         return F.normalize(aggregation(features).flatten(1), p=2, dim=1)
 
@@ -272,48 +375,111 @@ class CrossViewGeoLocalizer(nn.Module):
             return q
         return q, self.embed(reference, "reference")
 
+    def _check_feature_size(
+        self, features: Tensor, images: Tensor, view: str, attention: nn.Module
+    ) -> None:
+        want = getattr(attention, "spatial_size", None)
+        got = tuple(features.shape[-2:])
+        if want is None or tuple(want) == got:
+            return
+        stride = getattr(self.backbone, "stride", None)
+        pixels = f" (images of {want[0] * stride}x{want[1] * stride} pixels)" if stride else ""
+        other = "reference" if view == "query" else "query"
+        hint = ""
+        if tuple(getattr(self._stack(other)[1], "spatial_size", ())) == got:
+            hint = f" These are the {other} view's size: pass view={other!r}."
+        raise ValueError(
+            f"CrossViewGeoLocalizer: the {view} view's attention is built for feature maps of "
+            f"size (H, W) = {tuple(want)}{pixels}, but {view} images of "
+            f"{images.shape[-2]}x{images.shape[-1]} pixels give {got}.{hint} Resize the "
+            f"{view} images, or build the model for this size (lrfr(img_size=...) for the "
+            "reference view, query_img_size=... for the query view)"
+        )
 
-def _component_config(role: str, module: nn.Module) -> dict[str, Any] | None:
-    if isinstance(module, nn.Identity):
+
+def _check_images(images: Tensor) -> None:
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must have shape (B, 3, H, W), got {shape}")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"images must be a floating-point tensor, normalised as the backbone expects, got "
+            f"dtype {images.dtype}. The dataset readers return uint8 images: apply "
+            "gsra_salad.data.eval_transform(image_size) (scales to [0, 1] and normalises with "
+            "the ImageNet mean and std), or (images.float() / 255 - mean) / std"
+        )
+
+
+def _optional_config(module: nn.Module | None, role: str) -> dict[str, Any] | None:
+    if module is None or isinstance(module, nn.Identity):
         return None
-    if isinstance(module, GlobalSpatialRelationAttention):
-        return {
-            "type": "gsra",
-            "channels": module.channels,
-            "spatial_size": list(module.spatial_size),
-            "groups": module.groups,
-            "impl": module.impl,
-        }
-    if isinstance(module, SALAD):
-        return {
-            "type": "salad",
-            "num_channels": module.num_channels,
-            "num_clusters": module.num_clusters,
-            "cluster_dim": module.cluster_dim,
-            "token_dim": module.token_dim,
-            "dropout": module.cluster_features[1].p,
-            "sinkhorn_iters": module.sinkhorn_iters,
-            "impl": module.impl,
-        }
-    config = getattr(module, "config", None)
-    if isinstance(config, dict) and "type" in config:
-        return dict(config)
-    raise ValueError(
-        f"save_pretrained cannot describe the {role} ({type(module).__name__}): it is not one "
-        "of gsra_salad's modules, so from_pretrained could not rebuild it. Save the weights with "
-        "torch.save(model.state_dict(), path) and rebuild the model in code"
+    return component_config(module, role)
+
+
+def _config_key(config: dict[str, Any], key: str, source: str) -> Any:
+    if key not in config:
+        raise ValueError(
+            f"{source}: the model config has no {key!r} entry (keys: {sorted(config)}); the file "
+            "was edited or written by another program: re-save the model with save_pretrained"
+        )
+    return config[key]
+
+
+# component type names written by gsra_salad 0.1.0.dev0, before the registry
+_LEGACY_TYPES = {
+    "convnext": "ConvNeXtTrunk",
+    "timm": "TimmBackbone",
+    "tiny": "TinyCNN",
+    "gsra": "GlobalSpatialRelationAttention",
+    "salad": "SALAD",
+}
+
+
+def _upgrade(config: Any) -> Any:
+    if not isinstance(config, dict) or config.get("type") not in _LEGACY_TYPES:
+        return config
+    config = dict(config, type=_LEGACY_TYPES[config["type"]])
+    return {**config, **config.pop("kwargs", {})}
+
+
+def _lrfr_options(overrides: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(overrides) - set(_LRFR_DEFAULTS)
+    if unknown:
+        raise TypeError(
+            f"lrfr() got unknown overrides {sorted(unknown)}; known: {sorted(_LRFR_DEFAULTS)}"
+        )
+    return {**_LRFR_DEFAULTS, **overrides}
+
+
+def _lrfr_feature_size(
+    name: str, img_size: int | tuple[int, int], num_clusters: int
+) -> tuple[int, int]:
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    h, w = feature_size(size, ConvNeXtTrunk.stride)
+    if h * w < num_clusters or (h * w) % 2:
+        raise ValueError(
+            f"lrfr({name}={img_size}): the stride-16 feature map is {h}x{w} = {h * w} "
+            f"positions, but SALAD needs at least num_clusters={num_clusters} and "
+            "GSRA an even number; use an image of at least 192x192 pixels (e.g. 384)"
+        )
+    return h, w
+
+
+def _lrfr_gsra(
+    channels: int, hw: tuple[int, int], options: dict[str, Any]
+) -> GlobalSpatialRelationAttention:
+    return GlobalSpatialRelationAttention(
+        channels, hw, groups=options["groups"], impl=options["impl"]
     )
 
 
-def _build_component(config: dict[str, Any] | None) -> nn.Module | None:
-    if config is None:
-        return None
-    config = dict(config)
-    kind = config.pop("type")
-    if kind == "gsra":
-        return GlobalSpatialRelationAttention(
-            config["channels"], tuple(config["spatial_size"]), config["groups"], impl=config["impl"]
-        )
-    if kind == "salad":
-        return SALAD(**config)
-    return build_backbone({"type": kind, **config})
+def _lrfr_salad(channels: int, options: dict[str, Any]) -> SALAD:
+    return SALAD(
+        channels,
+        options["num_clusters"],
+        options["cluster_dim"],
+        token_dim=0,
+        dropout=options["dropout"],
+        sinkhorn_iters=options["sinkhorn_iters"],
+        impl=options["impl"],
+    )

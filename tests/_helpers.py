@@ -1,0 +1,53 @@
+"""Helpers shared by the tests: devices, tolerances, saved-bytes counting, the SALAD oracle.
+
+Import them as ``from tests._helpers import ...`` (``tests`` is a package, so this works from
+the checkout, from an unpacked sdist, with ``pytest`` or ``python -m pytest``).
+"""
+
+import math
+
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Per-dtype tolerances for fast path vs reference (kornia-style table).
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
+}
+
+
+class SavedBytes:
+    """Counts the bytes autograd saves for backward inside the ``with`` block."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def _pack(self, t):
+        self.bytes += t.numel() * t.element_size()
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def published_matching_probs(scores, dustbin, num_iters=3):
+    """The published SALAD ``get_matching_probs``, written out as the test oracle."""
+    b, m, n = scores.shape
+    s_aug = torch.cat([scores, torch.as_tensor(dustbin).to(scores).expand(b, 1, n)], 1)
+    norm = -math.log(n + m)
+    log_a = torch.full((b, m + 1), norm, dtype=scores.dtype)
+    log_a[:, -1] += math.log(n - m)
+    log_b = torch.full((b, n), norm, dtype=scores.dtype)
+    u, v = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    for _ in range(num_iters):
+        u = log_a - torch.logsumexp(s_aug + v.unsqueeze(1), dim=2)
+        v = log_b - torch.logsumexp(s_aug + u.unsqueeze(2), dim=1)
+    return s_aug + u.unsqueeze(2) + v.unsqueeze(1) - norm
