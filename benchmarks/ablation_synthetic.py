@@ -78,20 +78,6 @@ class GeM(nn.Module):
         return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
 
 
-class PerViewAttention(nn.Module):
-    """One GSRA per feature-map size (the views differ in size; GSRA is tied to one size)."""
-
-    def __init__(self, channels: int, sizes: list[tuple[int, int]], groups: int) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleDict(
-            {f"{h}x{w}": GlobalSpatialRelationAttention(channels, (h, w), groups=groups)
-             for h, w in dict.fromkeys(sizes)}
-        )  # fmt: skip
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.blocks[f"{x.shape[-2]}x{x.shape[-1]}"](x)
-
-
 def input_sizes(cfg: Config) -> tuple[tuple[int, int], tuple[int, int]]:
     """(ground (H, W), satellite (S, S)) at the model's input: the ground view keeps its aspect."""
     h = cfg.image_size
@@ -100,17 +86,27 @@ def input_sizes(cfg: Config) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def build_model(variant: str, cfg: Config) -> CrossViewGeoLocalizer:
+    """The small model: shared trunk and aggregation, one GSRA per view when the views' feature
+    maps differ in size (the 180-degree ground view is 4 x 8, the satellite 4 x 4)."""
     use_gsra, aggregation = VARIANTS[variant]
     trunk = TinyCNN(cfg.channels, width=cfg.width)
     maps = [(-(-h // TinyCNN.stride), -(-w // TinyCNN.stride)) for h, w in input_sizes(cfg)]
-    attention = PerViewAttention(cfg.channels, maps, cfg.groups) if use_gsra else None
+    attention = reference_attention = None
+    if use_gsra:
+        attention = GlobalSpatialRelationAttention(cfg.channels, maps[0], groups=cfg.groups)
+        if maps[1] != maps[0]:
+            reference_attention = GlobalSpatialRelationAttention(
+                cfg.channels, maps[1], groups=cfg.groups
+            )
     if aggregation == "salad":
         pool: nn.Module = SALAD(
             cfg.channels, cfg.num_clusters, cfg.cluster_dim, token_dim=0, dropout=0.0
         )
     else:
         pool = GeM()
-    return CrossViewGeoLocalizer(trunk, attention, pool, share_weights=True)
+    return CrossViewGeoLocalizer(
+        trunk, attention, pool, share_weights=True, reference_attention=reference_attention
+    )
 
 
 class SymmetricInfoNCE(nn.Module):
@@ -186,14 +182,21 @@ def load_split(
 # -- training and evaluation ----------------------------------------------------------------------
 
 
-def embed(model: CrossViewGeoLocalizer, images: Tensor, batch: int = 500) -> Tensor:
+def embed(model: CrossViewGeoLocalizer, images: Tensor, view: str, batch: int = 500) -> Tensor:
     """Descriptors of uint8 images (normalised by the library's eval transform, per batch)."""
     transform = eval_transform(tuple(images.shape[-2:]))  # same size: only scale + normalise
     model.eval()
     with torch.no_grad():
         return torch.cat(
-            [model(transform(images[i : i + batch])) for i in range(0, len(images), batch)]
+            [
+                model.embed(transform(images[i : i + batch]), view)  # type: ignore[arg-type]
+                for i in range(0, len(images), batch)
+            ]
         )
+
+
+def evaluate(model: CrossViewGeoLocalizer, val: tuple[Tensor, Tensor, Tensor]) -> dict[str, float]:
+    return recalls(embed(model, val[0], "query"), embed(model, val[1], "reference"))
 
 
 def recalls(q: Tensor, r: Tensor) -> dict[str, float]:
@@ -263,8 +266,7 @@ def train_one(
                 print(f"  {variant} seed {seed} step {step}: loss {recent:.3f}", flush=True)
             if eval_every and step % eval_every == 0 and step < cfg.steps:
                 cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-                point = {"step": step, "cpu_s": cpu0 - start_cpu - eval_cpu,  # training only
-                         **recalls(embed(model, val[0]), embed(model, val[1]))}  # fmt: skip
+                point = {"step": step, "cpu_s": cpu0 - start_cpu - eval_cpu, **evaluate(model, val)}
                 curve.append(point)
                 eval_cpu += _cpu_seconds() - cpu0
                 eval_wall += time.perf_counter() - wall0
@@ -276,7 +278,7 @@ def train_one(
         epoch += 1
     train_cpu = _cpu_seconds() - start_cpu - eval_cpu
     train_wall = time.perf_counter() - start - eval_wall
-    metrics = recalls(embed(model, val[0]), embed(model, val[1]))
+    metrics = evaluate(model, val)
     return {
         "variant": variant,
         "seed": seed,
