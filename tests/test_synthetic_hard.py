@@ -89,7 +89,7 @@ def test_heading_is_random_unless_switched_off():
         for s in range(20)
     }
     assert len(headings) > 10
-    fixed = HardSetting(random_heading=False, ground_only_objects=(0, 0))
+    fixed = HardSetting(fov_degrees=90, random_heading=False, ground_only_objects=(0, 0))
     views = hard_views(np.random.default_rng(1), tile, (16, 64), fixed)
     assert views.heading_degrees == 0.0
     np.testing.assert_array_equal(views.ground_clean, views.panorama[:, :16])

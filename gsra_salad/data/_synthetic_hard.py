@@ -41,7 +41,8 @@ class HardSetting:
 
     Args:
         fov_degrees: horizontal field of view of the ground view, in (0, 360]; the written
-            ground image is ``(H, round(fov / 360 * W))`` for a panorama size ``(H, W)``.
+            ground image is ``(H, round(fov / 360 * W))`` for a panorama size ``(H, W)``. The
+            default, 180, is the benchmark's (docs/synthetic-benchmark.md); 90 is harder.
         random_heading: draw the heading uniformly (unknown to the model); ``False`` keeps every
             ground view starting at north (azimuth 0).
         ground_only_objects: (min, max) buildings / trees present in the ground view's scene only.
@@ -56,7 +57,7 @@ class HardSetting:
         128
     """
 
-    fov_degrees: float = 90.0
+    fov_degrees: float = 180.0
     random_heading: bool = True
     ground_only_objects: tuple[int, int] = (2, 5)
     satellite_only_objects: tuple[int, int] = (2, 5)
