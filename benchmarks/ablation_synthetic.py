@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     baseline = histogram_baseline(root)
     print(f"hard CVUSA at {root}: {len(train[2])} train, {len(val[2])} val locations; "
           f"colour-histogram R@1 {baseline['R@1']:.1f}%", flush=True)  # fmt: skip
+    env = environment("cpu")  # before training: the commit that ran, not the one at the end
     runs = []
     for seed in args.seeds:
         for variant in args.variants:
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(format_table(table, baseline))
     result = {
         "benchmark": "ablation_synthetic",
-        "environment": environment("cpu"),
+        "environment": env,
         "config": asdict(cfg),
         "setting": asdict(hard_setting(cfg)),
         "histogram_baseline": baseline,
