@@ -51,3 +51,20 @@ def published_matching_probs(scores, dustbin, num_iters=3):
         u = log_a - torch.logsumexp(s_aug + v.unsqueeze(1), dim=2)
         v = log_b - torch.logsumexp(s_aug + u.unsqueeze(2), dim=1)
     return s_aug + u.unsqueeze(2) + v.unsqueeze(1) - norm
+
+
+def randomise_norms(module, *, std=1.0, affine=True, var=(0.5, 2.0)):
+    """Non-trivial norm-layer state, so that eval mode and the affine terms are exercised.
+
+    BatchNorm2d running means ~ N(0, std^2) and variances ~ U(var); with ``affine``, the
+    weights of BatchNorm2d / GroupNorm ~ U(0.5, 1.5) and biases ~ N(0, std^2). Returns ``module``.
+    """
+    with torch.no_grad():
+        for m in module.modules():
+            if affine and isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, std)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, std)
+                m.running_var.uniform_(*var)
+    return module

@@ -5,29 +5,16 @@ import torch
 from torch import nn
 
 from gsra_salad import GlobalSpatialRelationAttention
-from tests._helpers import DEVICES, SavedBytes
+from tests._helpers import DEVICES, SavedBytes, randomise_norms
 
 # float32 tolerances for the whole block (two BatchNorms over a rank-Ci reduction)
 TOL32 = dict(rtol=2e-4, atol=2e-5)
 TOL64 = dict(rtol=1e-9, atol=1e-10)
 
 
-def _randomise(module: nn.Module) -> nn.Module:
-    """Non-trivial affine parameters and running statistics, so that eval mode is tested."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-    return module
-
-
 def _pair(channels, size, groups, dtype=torch.float64, device="cpu"):
     ref = GlobalSpatialRelationAttention(channels, size, groups, impl="reference")
-    ref = _randomise(ref).to(device=device, dtype=dtype)
+    ref = randomise_norms(ref).to(device=device, dtype=dtype)
     fused = copy.deepcopy(ref)
     fused.impl = "fused"
     return ref, fused
@@ -136,7 +123,10 @@ def test_saves_only_input_parameters_and_projections():
     fused.eval()
     with SavedBytes() as eval_bytes:
         fused(x)
-    assert eval_bytes.bytes == x_bytes + params
+    # eval: the input, the parameters and the running statistics the recomputation normalises
+    # with (saved, so that an update between forward and backward is detected, as for BatchNorm)
+    stats = sum(b.numel() * b.element_size() for n, b in fused.named_buffers() if "running" in n)
+    assert eval_bytes.bytes == x_bytes + params + stats
 
 
 def test_state_dict_has_the_published_names_and_shapes():
@@ -217,7 +207,7 @@ class _PublishedGSRA(nn.Module):
 @pytest.mark.parametrize("impl", ["reference", "fused"])
 @pytest.mark.parametrize("training", [True, False])
 def test_published_state_dict_loads_strictly_and_gives_published_outputs(impl, training):
-    published = _randomise(_PublishedGSRA(64, 36, ratio=8)).double().train(training)
+    published = randomise_norms(_PublishedGSRA(64, 36, ratio=8)).double().train(training)
     ours = GlobalSpatialRelationAttention(64, (6, 6), groups=8, impl=impl).double()
     ours.load_state_dict(published.state_dict(), strict=True)
     ours.train(training)
@@ -253,7 +243,7 @@ def test_double_backward_needs_reference():
     (g,) = torch.autograd.grad(ref(x).pow(2).sum(), x, create_graph=True)
     g.sum().backward()
     (g,) = torch.autograd.grad(fused(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"once_differentiable|twice"):
+    with pytest.raises(RuntimeError, match=r"not differentiable again.*impl='reference'"):
         g.sum().backward()
 
 
@@ -276,3 +266,242 @@ def test_bad_input_raises_clear_errors():
         gsra(torch.randn(1, 32, 4, 4))
     with pytest.raises(ValueError, match=r"shape \(B, C, H, W\)"):
         gsra(torch.randn(64, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 10: mode changes between forward and backward, edited submodules, composability,
+# dtype / value errors, impl validation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("first", "then"), [(True, False), (False, True)])
+def test_backward_uses_the_mode_of_the_forward(first, then):
+    ref, fused = _pair(32, (4, 4), 8)
+    x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
+    grad_out = torch.randn_like(x)
+    results = []
+    for module in (ref, fused):
+        module.train(first)
+        xg = x.clone().requires_grad_()
+        out = module(xg)
+        module.train(then)
+        for m in module.modules():  # a changed momentum must not matter either
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+        out.backward(grad_out)
+        results.append((xg.grad, {n: p.grad for n, p in module.named_parameters()}))
+    (gx_ref, gp_ref), (gx_fused, gp_fused) = results
+    torch.testing.assert_close(gx_fused, gx_ref, **TOL64)
+    for name in gp_ref:
+        torch.testing.assert_close(gp_fused[name], gp_ref[name], **TOL64, msg=name)
+
+
+def _edited_pair(edit):
+    ref, fused = _pair(32, (4, 4), 8)
+    ref.impl = fused.impl = "auto"
+    edit(ref)
+    edit(fused)
+    ref.impl = "reference"
+    return ref, fused
+
+
+def _same_step_with_one_warning(ref, fused, match):
+    x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
+    grad_out = torch.randn_like(x)
+    want = _step(ref, x, grad_out)
+    with pytest.warns(UserWarning, match=match) as record:
+        got = _step(fused, x, grad_out)
+        _step(fused, x, grad_out)  # once per instance
+    assert sum("reference path" in str(w.message) for w in record) == 1
+    _assert_same_step(want, got, TOL64)
+
+
+def test_hooks_on_submodules_fire():
+    calls = []
+
+    def add_hooks(m):
+        m.gn.register_forward_hook(lambda mod, args, out: calls.append("gn") or out * 2)
+        m.theta_spatial.register_forward_hook(lambda mod, args, out: calls.append("theta"))
+
+    ref, fused = _edited_pair(add_hooks)
+    _same_step_with_one_warning(ref, fused, "gn has forward")
+    assert calls.count("gn") == 3 and calls.count("theta") == 3  # ref once, fused twice
+
+
+def test_replaced_submodule_is_used():
+    def replace(m):
+        m.gg_spatial[4] = nn.Identity()
+
+    ref, fused = _edited_pair(replace)
+    _same_step_with_one_warning(ref, fused, r"gg_spatial\[4\] is a Identity")
+
+
+def test_weight_norm_parametrization():
+    def weight_norm(m):
+        torch.nn.utils.parametrizations.weight_norm(m.gg_spatial[0])
+
+    ref, fused = _edited_pair(weight_norm)
+    _same_step_with_one_warning(ref, fused, "parametrizations")
+
+
+def test_pruned_conv():
+    def prune(m):
+        torch.manual_seed(3)
+        from torch.nn.utils import prune
+
+        prune.random_unstructured(m.conv1x1, "weight", amount=0.5)
+
+    ref, fused = _edited_pair(prune)
+    _same_step_with_one_warning(ref, fused, "pruning")
+
+
+def test_standard_module_and_sync_batchnorm_outside_a_process_group_run_fused(recwarn):
+    _, fused = _pair(32, (4, 4), 8)
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fused))
+    assert isinstance(sync.gg_spatial[1], nn.SyncBatchNorm)
+    assert fused._fused_unsupported() is None and sync._fused_unsupported() is None
+    x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
+    grad_out = torch.randn_like(x)
+    _assert_same_step(_step(fused, x, grad_out), _step(sync, x, grad_out), TOL64)
+    assert not [w for w in recwarn if "reference path" in str(w.message)]
+
+
+def _sync_batchnorm_worker(rank: int, world: int, port: int, errors) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        torch.manual_seed(0)
+        ref = GlobalSpatialRelationAttention(32, (4, 4), 8, impl="reference").double()
+        fused = copy.deepcopy(ref)
+        fused.impl = "auto"
+        ref, fused = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (ref, fused))
+        torch.manual_seed(1 + rank)
+        x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
+        grad_out = torch.randn_like(x)
+        # training: SyncBatchNorm synchronises; the fused path must not use local statistics.
+        # On CPU torch's SyncBatchNorm itself refuses (it needs GPU inputs): the same error.
+        outcomes = []
+        for m in (ref, fused):
+            try:
+                outcomes.append(("ok", _step(m, x, grad_out)))
+            except ValueError as e:
+                outcomes.append(("error", str(e)))
+        assert outcomes[0][0] == outcomes[1][0], outcomes
+        if outcomes[0][0] == "ok":
+            _assert_same_step(outcomes[0][1], outcomes[1][1], TOL64)
+        else:
+            assert outcomes[0][1] == outcomes[1][1]
+        assert "SyncBatchNorm" in fused._fused_unsupported()
+        # eval: no synchronisation, the fused path runs and agrees
+        ref.eval()
+        fused.eval()
+        assert fused._fused_unsupported() is None
+        _assert_same_step(_step(ref, x, grad_out), _step(fused, x, grad_out), TOL64)
+    except BaseException as e:  # report to the parent
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_batchnorm_in_a_process_group_two_gloo_processes():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    mp.start_processes(
+        _sync_batchnorm_worker, args=(2, port, errors), nprocs=2, join=True, start_method="spawn"
+    )
+    assert errors.empty()
+
+
+def test_functorch_grad_matches_reference():
+    ref, fused = _pair(16, (2, 3), 4)
+    ref.eval()  # training-mode BatchNorm mutates buffers, which torch.func forbids (reference too)
+    fused.eval()
+    x = torch.randn(2, 16, 2, 3, dtype=torch.float64)
+    got = torch.func.grad(lambda x: fused(x).pow(2).sum())(x)
+    want = torch.func.grad(lambda x: ref(x).pow(2).sum())(x)
+    torch.testing.assert_close(got, want, **TOL64)
+    params = {k: v.detach() for k, v in fused.named_parameters()}
+
+    def loss(module):
+        return lambda p: torch.func.functional_call(module, p, (x,)).pow(2).sum()
+
+    got, want = torch.func.grad(loss(fused))(params), torch.func.grad(loss(ref))(params)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **TOL64, msg=name)
+    with pytest.raises(RuntimeError, match=r"not differentiable again.*impl='reference'"):
+        torch.func.grad(lambda x: torch.func.grad(lambda y: fused(y).pow(2).sum())(x).sum())(x)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_compile_fullgraph(training):
+    ref, fused = _pair(32, (4, 4), 8, dtype=torch.float32)
+    ref.train(training)
+    fused.train(training)
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(2, 32, 4, 4)
+    grad_out = torch.randn_like(x)
+    if not training:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), ref(x), **TOL32)
+    want = _step(ref, x, grad_out)
+    out, gx, grads, buffers = _step(compiled, x, grad_out)
+    strip = len("_orig_mod.")
+    got = (
+        out,
+        gx,
+        {n[strip:]: g for n, g in grads.items()},
+        {n[strip:]: b for n, b in buffers.items()},
+    )
+    _assert_same_step(want, got, dict(rtol=1e-3, atol=1e-4))
+
+
+def test_dtype_errors_name_the_dtypes():
+    gsra = GlobalSpatialRelationAttention(32, (4, 4), groups=8)
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(
+            TypeError, match=rf"input dtype {dtype} and parameter dtype torch\.float32"
+        ):
+            gsra(torch.randn(1, 32, 4, 4, dtype=dtype))
+    with pytest.raises(TypeError, match=r"expected a floating-point input.*torch\.int64"):
+        gsra(torch.ones(1, 32, 4, 4, dtype=torch.int64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: allowed
+        gsra(torch.randn(1, 32, 4, 4, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_non_finite_input_and_overflow_are_rejected(impl):
+    gsra = GlobalSpatialRelationAttention(32, (4, 4), groups=8, impl=impl)
+    x = torch.randn(2, 32, 4, 4)
+    for bad, kind in ((float("nan"), "NaN"), (float("inf"), "inf")):
+        y = x.clone()
+        y[0, 3, 1, 2] = bad
+        with pytest.raises(ValueError, match=f"input contains {kind}"):
+            gsra(y)
+    with pytest.raises(ValueError, match=r"output is not finite.*too large"):
+        gsra(x * 1e20)
+
+
+def test_impl_is_validated_on_assignment_and_numpy_sizes_are_accepted():
+    np = pytest.importorskip("numpy")
+    gsra = GlobalSpatialRelationAttention(np.int64(64), (np.int64(4), np.int32(4)), np.int64(8))
+    assert type(gsra.channels) is int and type(gsra.groups) is int
+    assert gsra.spatial_size == (4, 4) and type(gsra.spatial_size[0]) is int
+    assert GlobalSpatialRelationAttention(64, np.int64(4), 8).spatial_size == (4, 4)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        gsra.impl = "referense"
+    assert gsra.impl == "auto"
+    gsra.impl = "reference"
+    assert gsra.impl == "reference"
+    with pytest.raises(TypeError, match="channels must be an int"):
+        GlobalSpatialRelationAttention(64.0, 4, 8)

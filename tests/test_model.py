@@ -14,6 +14,7 @@ from gsra_salad.models import (
     register_component,
     registered_components,
 )
+from tests._helpers import randomise_norms
 
 
 def _tiny_model(share_weights=True, impl="auto", channels=32, size=64):
@@ -41,11 +42,9 @@ PANORAMAS, TILES = (32, 128), (64, 64)
 
 
 def _randomise(model):
+    randomise_norms(model, std=0.1, affine=False, var=(0.5, 1.5))
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
             if isinstance(m, SALAD):
                 m.dust_bin.fill_(0.7)
     return model

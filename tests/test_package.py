@@ -80,6 +80,18 @@ def test_the_optional_import_helper_imports_nothing_of_the_package():
         assert level == 0 and not module.startswith("gsra_salad"), module
 
 
+def test_losses_and_evaluation_import_no_model_code():
+    paths = [PACKAGE / "losses.py", *(PACKAGE / "evaluation").rglob("*.py")]
+    for path in paths:
+        top = path.parent == PACKAGE  # losses.py sits at the package's top level
+        for level, module in _imports(path):
+            assert not module.startswith("gsra_salad"), (path.name, module)
+            if top:
+                assert level == 0 or module.split(".")[0] == "_optional", (path.name, module)
+            else:
+                assert level <= 1 or module.split(".")[0] == "_optional", (path.name, module)
+
+
 def test_library_code_never_prints():
     for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,15 +124,131 @@ def test_aggregation_is_the_assignment_weighted_sum():
     torch.testing.assert_close(salad(x)[0], want)
 
 
-def test_autocast_and_compile():
+def test_autocast():
     salad = SALAD(32, 8, 4, token_dim=0).eval()
     x = torch.randn(2, 32, 4, 4)
     want = salad(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = salad(x)
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.02)
-    compiled = torch.compile(salad)
-    torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("mode", "backend"), [("eval", "inductor"), ("train", "aot_eager")])
+def test_compile_fullgraph_matches_eager(mode, backend):
+    """fullgraph=True: no graph break anywhere (it raises at the first). Train compiles forward
+    and backward; it uses the aot_eager backend (dynamo + AOTAutograd, the parts a graph break
+    or an untraceable autograd.Function would fail) to keep the test fast on small machines."""
+    torch._dynamo.reset()
+    salad = SALAD(16, 4, 2, token_dim=8, dropout=0.0)
+    getattr(salad, mode)()
+    x = (torch.randn(2, 16, 3, 3), torch.randn(2, 16))
+    w = torch.randn(2, salad.output_dim)
+    compiled = torch.compile(salad, fullgraph=True, backend=backend)
+    got = compiled(x)
+    want = salad(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if mode == "train":
+        params = list(salad.parameters())
+        g_got = torch.autograd.grad((got * w).sum(), params)
+        g_want = torch.autograd.grad((want * w).sum(), params)
+        for name, a, b in zip(dict(salad.named_parameters()), g_got, g_want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "auto"])
+def test_torch_func_grad_and_vmap(impl):
+    salad = SALAD(16, 4, 2, token_dim=0, dropout=0.0, impl=impl).double()
+    params = dict(salad.named_parameters())
+    x = torch.randn(3, 16, 3, 3, dtype=torch.float64)
+    w = torch.randn(3, salad.output_dim, dtype=torch.float64)
+
+    def loss(p):
+        return (torch.func.functional_call(salad, p, (x,)) * w).sum()
+
+    grads = torch.func.grad(loss)(params)
+    want = torch.autograd.grad(loss(params), list(params.values()))
+    for (name, g), g_want in zip(grads.items(), want):
+        torch.testing.assert_close(g, g_want, msg=name)
+    assert grads["dust_bin"].item() == 0.0
+    per_sample = torch.func.vmap(lambda xi: salad(xi[None])[0])(x)
+    torch.testing.assert_close(per_sample, salad(x))
+
+
+def test_impl_is_validated_on_assignment(monkeypatch):
+    import gsra_salad.layers.salad as salad_module
+
+    salad = SALAD(16, 4, 2, token_dim=0)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        salad.impl = "referense"
+    assert salad.impl == "auto"
+    seen = []
+
+    def spy(*args, impl, **kwargs):
+        seen.append(impl)
+        return dustbin_sinkhorn(*args, impl=impl, **kwargs)
+
+    monkeypatch.setattr(salad_module, "dustbin_sinkhorn", spy)
+    salad.impl = "reference"
+    salad(torch.randn(1, 16, 3, 3))
+    assert seen == ["reference"]
+    assert "impl='reference'" in repr(salad)
+
+
+def test_numpy_arguments_and_constructor_arguments_kept_as_attributes():
+    np = pytest.importorskip("numpy")
+    args = dict(
+        num_channels=np.int64(16),
+        num_clusters=np.int32(4),
+        cluster_dim=np.int64(2),
+        token_dim=np.int64(0),
+        dropout=np.float32(0.25),
+        sinkhorn_iters=np.int64(3),
+        impl="fused",
+    )
+    salad = SALAD(**args)
+    assert salad(torch.randn(2, 16, 3, 3)).shape == (2, 8)
+    for name, value in args.items():
+        kept = getattr(salad, name)
+        assert kept == value and type(kept) is type(value if name == "impl" else value.item())
+    rebuilt = SALAD(**{name: getattr(salad, name) for name in args})
+    assert repr(rebuilt) == repr(salad)
+    with pytest.raises(TypeError, match="num_clusters must be an int, got float"):
+        SALAD(16, 4.0, 2)
+    with pytest.raises(TypeError, match="dropout must be a float"):
+        SALAD(16, 4, 2, dropout="0.1")
+    with pytest.raises(ValueError, match="token_dim must be >= 0"):
+        SALAD(16, 4, 2, token_dim=-1)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "auto"])
+@pytest.mark.parametrize("where", ["token", "features"])
+@pytest.mark.parametrize(("bad", "kind"), [(math.nan, "NaN"), (math.inf, "inf")])
+def test_non_finite_input_is_rejected(impl, where, bad, kind):
+    salad = SALAD(16, 4, 2, token_dim=8, impl=impl).eval()
+    features, token = torch.randn(2, 16, 3, 3), torch.randn(2, 16)
+    if where == "token":
+        token[1, 5] = bad
+        index = r"\(1, 5\)"
+    else:
+        features[1, 2, 0, 1] = bad
+        index = r"\(1, 2, 0, 1\)"
+    with pytest.raises(
+        ValueError, match=rf"SALAD: {where} contains {kind} \(first at index {index}"
+    ):
+        salad((features, token))
+    with torch.no_grad():
+        salad.dust_bin.fill_(math.nan)
+    with pytest.raises(ValueError, match=r"dustbin must be finite.*dust_bin"):
+        salad((torch.randn(2, 16, 3, 3), torch.randn(2, 16)))
+
+
+def test_einops_is_used_for_the_flattening():
+    """einops is a required dependency: the layer's reshapes use it."""
+    import einops
+
+    import gsra_salad.layers.salad as salad_module
+
+    assert salad_module.rearrange is einops.rearrange
 
 
 def test_bad_input_raises_clear_errors():
@@ -155,20 +273,83 @@ def test_bad_input_raises_clear_errors():
         SALAD(32, 8, 4, impl="fast")
 
 
-def test_ddp_does_not_see_an_unused_dust_bin(tmp_path):
-    """DistributedDataParallel (gloo, one process) errors on the second step if a parameter got
-    no gradient in the first; dust_bin's exact zero gradient must count as used."""
+_DDP_WORLD, _DDP_STEPS = 2, 3
+
+
+def _ddp_batches():
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(_DDP_STEPS, _DDP_WORLD, 2, 16, 3, 3, generator=g)
+    ws = torch.randn(_DDP_STEPS, _DDP_WORLD, 2, 8, generator=g)
+    return xs, ws
+
+
+def _train_steps(model, params, rank_batches, scale=1.0):
+    """SGD steps on ``rank_batches(step) -> (x, w)``; returns per-step grads and final weights."""
+    opt = torch.optim.SGD(params, lr=0.5)
+    grads = []
+    for step in range(_DDP_STEPS):
+        x, w = rank_batches(step)
+        opt.zero_grad()
+        ((model(x) * w).sum() * scale).backward()
+        grads.append([p.grad.clone() for p in params])
+        opt.step()
+    return grads, [p.detach().clone() for p in params]
+
+
+def _ddp_worker(rank, port, state, out_dir):
     import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=_DDP_WORLD
+    )
+    try:
+        salad = SALAD(16, 4, 2, token_dim=0, dropout=0.0)
+        salad.load_state_dict(state)
+        model = torch.nn.parallel.DistributedDataParallel(salad)  # find_unused_parameters=False
+        xs, ws = _ddp_batches()
+        result = _train_steps(model, list(salad.parameters()), lambda t: (xs[t, rank], ws[t, rank]))
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_two_ranks_match_one_process_on_the_whole_batch(tmp_path):
+    """Two spawned gloo ranks: DistributedDataParallel (without find_unused_parameters) errors
+    on the second step if a parameter got no gradient in the first, so dust_bin's exact zero
+    gradient must count as used. The ranks' gradients and weights must agree with each other
+    and with one process training on the concatenated batch (DDP averages over ranks)."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        model = torch.nn.parallel.DistributedDataParallel(SALAD(16, 4, 2, token_dim=0))
-        for _ in range(3):
-            model(torch.randn(2, 16, 3, 3)).sum().backward()
-        assert model.module.dust_bin.grad.item() == 0.0
-    finally:
-        dist.destroy_process_group()
+    salad = SALAD(16, 4, 2, token_dim=0, dropout=0.0)
+    state = {k: v.clone() for k, v in salad.state_dict().items()}
+    mp.spawn(_ddp_worker, args=(_free_port(), state, str(tmp_path)), nprocs=_DDP_WORLD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(_DDP_WORLD)]
+    xs, ws = _ddp_batches()
+    single = _train_steps(
+        salad, list(salad.parameters()), lambda t: (xs[t].flatten(0, 1), ws[t].flatten(0, 1)),
+        scale=1.0 / _DDP_WORLD,
+    )  # fmt: skip
+    names = [name for name, _ in salad.named_parameters()]
+    (grads, weights), (grads_1, weights_1) = ranks
+    for step in range(_DDP_STEPS):  # the ranks agree exactly
+        for a, b in zip([*grads[step], *weights], [*grads_1[step], *weights_1]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    grads_1, weights_1 = single
+    for step in range(_DDP_STEPS):
+        for name, a, b in zip(names, grads[step], grads_1[step]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
+            if name == "dust_bin":
+                assert a.item() == 0.0
+    for name, a, b in zip(names, weights, weights_1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

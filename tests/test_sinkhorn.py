@@ -299,19 +299,28 @@ def test_minus_inf_entries_forbid_transport(impl):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_double_backward_needs_reference():
+@pytest.mark.parametrize("impl", ["fused", "auto"])
+@pytest.mark.parametrize("solver", ["scaling", "log"])
+def test_double_backward_raises_a_clear_error_naming_reference(impl, solver, monkeypatch):
     scores = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(
+    (g_ref,) = torch.autograd.grad(
         dustbin_sinkhorn(scores, 1.0, 3, impl="reference").exp().pow(2).sum(),
         scores,
         create_graph=True,
     )
-    g.sum().backward()
+    g_ref.sum().backward()  # the reference is twice differentiable
     assert torch.isfinite(scores.grad).all()
-    out = dustbin_sinkhorn(scores, 1.0, 3, impl="fused").exp().pow(2).sum()
-    (g,) = torch.autograd.grad(out, scores, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"once_differentiable|twice"):
+    if solver == "log":  # force the log-domain fallback
+        monkeypatch.setattr(_sinkhorn_fused, "_guard_threshold", lambda dtype: math.inf)
+    out = dustbin_sinkhorn(scores, 1.0, 3, impl=impl).exp().pow(2).sum()
+    (g,) = torch.autograd.grad(out, scores, create_graph=True)  # first order still works
+    torch.testing.assert_close(g, g_ref)
+    with pytest.raises(RuntimeError, match=r"not differentiable.*impl='reference'"):
         g.sum().backward()
+    with pytest.raises(RuntimeError, match=r"impl='reference'"):
+        torch.func.hessian(lambda s: dustbin_sinkhorn(s, 1.0, 3, impl=impl).exp().sum())(
+            scores.detach()
+        )
 
 
 def test_auto_uses_reference_under_forward_mode_ad():
@@ -420,3 +429,128 @@ def test_bad_input_raises_clear_errors(impl):
 def test_empty_batch():
     out = dustbin_sinkhorn(torch.randn(0, 3, 8), 1.0)
     assert out.shape == (0, 4, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.func and torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "auto"])
+@pytest.mark.parametrize("solver", ["scaling", "log"])
+def test_torch_func_grad_matches_autograd(impl, solver, monkeypatch):
+    if solver == "log":
+        monkeypatch.setattr(_sinkhorn_fused, "_guard_threshold", lambda dtype: math.inf)
+    scores = torch.randn(2, 3, 7, dtype=torch.float64)
+    dustbin = torch.tensor(0.5, dtype=torch.float64)
+
+    def loss(s, d):
+        return _weighted_loss(dustbin_sinkhorn(s, d, 3, impl=impl))
+
+    g_scores, g_dustbin = torch.func.grad(loss, argnums=(0, 1))(scores, dustbin)
+    _, (want,) = _value_and_grads(lambda s: dustbin_sinkhorn(s, 0.5, 3, impl="reference"), [scores])
+    torch.testing.assert_close(g_scores, want)
+    assert g_dustbin.item() == 0.0
+    z = torch.randn(2, 3, 5, dtype=torch.float64)
+    log_a, log_b = _uniform_marginals(3, 5, batch=2)
+    grads = torch.func.grad(
+        lambda *x: _weighted_loss(log_sinkhorn(*x, 3, impl=impl)), argnums=(0, 1, 2)
+    )(z, log_a, log_b)
+    _, want = _value_and_grads(lambda *x: log_sinkhorn(*x, 3, impl="reference"), [z, log_a, log_b])
+    for got, w in zip(grads, want):
+        torch.testing.assert_close(got, w)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "auto"])
+@pytest.mark.parametrize("solver", ["scaling", "log"])
+def test_torch_func_vmap_and_jacrev_match_a_loop(impl, solver, monkeypatch):
+    if solver == "log":
+        monkeypatch.setattr(_sinkhorn_fused, "_guard_threshold", lambda dtype: math.inf)
+    scores = torch.randn(4, 2, 3, 7, dtype=torch.float64)  # vmapped over the leading 4
+    dustbins = torch.randn(4, dtype=torch.float64)
+    got = torch.func.vmap(lambda s, d: dustbin_sinkhorn(s, d, 3, impl=impl))(scores, dustbins)
+    want = torch.stack([dustbin_sinkhorn(s, 1.0, 3, impl="reference") for s in scores])
+    torch.testing.assert_close(got, want)
+    # vmap over dim 1 of the kernel with unbatched marginals, and the marginals vmapped alone
+    z = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    log_a, log_b = _uniform_marginals(3, 5, batch=2)
+    got = torch.func.vmap(lambda x: log_sinkhorn(x, log_a, log_b, 3, impl=impl), in_dims=1)(z)
+    want = torch.stack([log_sinkhorn(z[:, i], log_a, log_b, 3, impl="reference") for i in range(4)])
+    torch.testing.assert_close(got, want)
+    many_b = torch.log_softmax(torch.randn(4, 5, dtype=torch.float64), -1)
+    got = torch.func.vmap(lambda lb: log_sinkhorn(z[:, 0], log_a, lb, 3, impl=impl))(many_b)
+    want = torch.stack([log_sinkhorn(z[:, 0], log_a, b, 3, impl="reference") for b in many_b])
+    torch.testing.assert_close(got, want)
+    # jacrev = vmap over the backward
+    s = scores[0, :1, :, :4]
+    jac = torch.func.jacrev(lambda x: dustbin_sinkhorn(x, 1.0, 3, impl=impl).exp())(s)
+    want = torch.autograd.functional.jacobian(
+        lambda x: dustbin_sinkhorn(x, 1.0, 3, impl="reference").exp(), s
+    )
+    torch.testing.assert_close(jac, want)
+
+
+def test_fused_has_no_forward_mode_and_says_so():
+    scores = torch.randn(1, 2, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="impl='reference'"):
+        torch.func.jvp(lambda s: dustbin_sinkhorn(s, 1.0, 3, impl="fused"), (scores,), (scores,))
+    _, tangent = torch.func.jvp(  # auto takes the reference path
+        lambda s: dustbin_sinkhorn(s, 1.0, 3), (scores,), (torch.ones_like(scores),)
+    )
+    assert torch.isfinite(tangent).all()
+
+
+@pytest.mark.parametrize("fn", ["dustbin", "log"])
+def test_compiled_fullgraph_matches_eager_in_values_and_gradients(fn):
+    """One small compile per operator: forward and backward in one full graph, no breaks."""
+    torch._dynamo.reset()
+    scores = torch.randn(2, 3, 8, requires_grad=True)
+    dustbin = torch.tensor(1.0, requires_grad=True)
+    log_a = torch.full((3,), -math.log(3.0))
+    log_b = torch.full((8,), -math.log(8.0))
+
+    def run(s, d):
+        if fn == "dustbin":
+            return dustbin_sinkhorn(s, d, 3)
+        return log_sinkhorn(s, log_a, log_b, 3)
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    out = compiled(scores, dustbin)
+    g = torch.autograd.grad(_weighted_loss(out), [scores, dustbin], allow_unused=True)
+    want = run(scores, dustbin)
+    g_want = torch.autograd.grad(_weighted_loss(want), [scores, dustbin], allow_unused=True)
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    torch.testing.assert_close(g[0], g_want[0], **TOL[torch.float32])
+    if fn == "dustbin":
+        assert g[1].item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# argument types and non-finite dustbins
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_numpy_scalars_are_accepted(impl):
+    np = pytest.importorskip("numpy")
+    scores = torch.randn(2, 3, 8, dtype=torch.float64)
+    want = dustbin_sinkhorn(scores, 0.5, 3, impl=impl)
+    for dustbin in (np.float32(0.5), np.float64(0.5), np.array(0.5), np.array([0.5]), 0.5, 1):
+        torch.testing.assert_close(dustbin_sinkhorn(scores, dustbin, np.int64(3), impl=impl), want)
+    la, lb = torch.full((3,), -math.log(3.0)), torch.full((8,), -math.log(8.0))
+    log_sinkhorn(scores.float(), la, lb, np.int32(2), impl=impl)
+    with pytest.raises(TypeError, match="dustbin must be a float"):
+        dustbin_sinkhorn(scores, "0.5", impl=impl)
+    with pytest.raises(TypeError, match="num_iters must be an int"):
+        dustbin_sinkhorn(scores, 1.0, np.float64(3.0), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "auto"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("as_tensor", [False, True])
+@pytest.mark.parametrize("n", [5, 8])  # n == m: empty dustbin row
+def test_non_finite_dustbin_is_rejected_by_every_impl(impl, bad, as_tensor, n):
+    scores = torch.randn(2, 5, n)
+    dustbin = torch.tensor(bad, requires_grad=True) if as_tensor else bad
+    with pytest.raises(ValueError, match=r"dustbin must be finite, got (nan|inf|-inf)"):
+        dustbin_sinkhorn(scores, dustbin, 3, impl=impl)

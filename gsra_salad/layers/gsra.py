@@ -2,25 +2,117 @@
 
 from __future__ import annotations
 
+import operator
+import warnings
+
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from ..ops._dispatch import Impl, check_impl, has_forward_grad, is_tracing
-from ._gsra_fused import _RecomputedGSRA, gsra_lowrank
+from ..ops._dispatch import (
+    Impl,
+    autocast_state,
+    check_impl,
+    checks_enabled,
+    has_forward_grad,
+    is_tracing,
+)
+from ._gsra_fused import GSRAPlan, RecomputedGSRA, gsra_lowrank
 
 __all__ = ["GlobalSpatialRelationAttention"]
 
+# The submodule layout the fused path implements: exact types (SyncBatchNorm also where it
+# acts as BatchNorm), 1x1 convolutions, no hooks, no parametrizations.
+_LAYOUT: dict[str, tuple[type[nn.Module], ...]] = {
+    "conv1x1": (nn.Conv2d,),
+    "gn": (nn.GroupNorm,),
+    "theta_spatial": (nn.Conv2d, nn.BatchNorm2d, nn.ReLU),
+    "phi_spatial": (nn.Conv2d, nn.BatchNorm2d, nn.ReLU),
+    "gg_spatial": (nn.Conv2d, nn.BatchNorm2d, nn.Conv2d, nn.BatchNorm2d, nn.ReLU),
+}
+
+
+def _as_int(name: str, value: object) -> int:
+    """``value`` as a Python int (NumPy integers included); bools and floats are rejected."""
+    if isinstance(value, bool):
+        raise TypeError(f"GlobalSpatialRelationAttention: {name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"GlobalSpatialRelationAttention: {name} must be an int, got {value!r} "
+            f"({type(value).__name__})"
+        ) from None
+
 
 def _pair(spatial_size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(spatial_size, int) and not isinstance(spatial_size, bool):
-        return spatial_size, spatial_size
-    if (
-        isinstance(spatial_size, (tuple, list))
-        and len(spatial_size) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in spatial_size)
+    if isinstance(spatial_size, (tuple, list)) and len(spatial_size) == 2:
+        return _as_int("spatial_size[0]", spatial_size[0]), _as_int(
+            "spatial_size[1]", spatial_size[1]
+        )
+    try:
+        side = _as_int("spatial_size", spatial_size)
+    except TypeError:
+        raise TypeError(
+            f"spatial_size must be an int or a pair (H, W) of ints, got {spatial_size!r}"
+        ) from None
+    return side, side
+
+
+def _all_finite(x: Tensor) -> bool:
+    """No NaN or inf in ``x``: one summing pass (NaN and inf propagate to the sum), and the exact
+    elementwise test only if the sum itself is not finite."""
+    x = x.detach()
+    total = x.sum(dtype=torch.promote_types(x.dtype, torch.float32))
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(x).all())
+
+
+def _is_type(m: nn.Module, want: type[nn.Module]) -> bool:
+    """``type(m) is want``; while tracing, any subclass (torch.export's non-strict tracing swaps
+    module classes for same-named subclasses)."""
+    return type(m) is want or (is_tracing() and isinstance(m, want))
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    )
+
+
+def _sync_needed(bn: nn.Module) -> bool:
+    """Whether a SyncBatchNorm synchronises in this forward (torch's own condition: training in
+    an initialised process group; it then also requires a GPU input)."""
+    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training):
+        return False
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
+
+
+def _unsupported(name: str, m: nn.Module, want: type[nn.Module]) -> str | None:
+    """Why submodule ``m`` (expected of type ``want``) keeps the fused path from running."""
+    if _hooked(m):
+        return (
+            f"{name} has forward, forward-pre or backward hooks (pruning and the old-style "
+            "weight_norm / spectral_norm add forward-pre hooks)"
+        )
+    if parametrize.is_parametrized(m):
+        return f"{name} has parametrizations (e.g. torch.nn.utils.parametrizations.weight_norm)"
+    if not _is_type(m, want) and not (want is nn.BatchNorm2d and _is_type(m, nn.SyncBatchNorm)):
+        return f"{name} is a {type(m).__name__}, not the standard nn.{want.__name__}"
+    if want is nn.Conv2d and not (
+        m.kernel_size == (1, 1)
+        and m.stride == (1, 1)
+        and m.padding in ((0, 0), "valid")
+        and m.dilation == (1, 1)
+        and m.groups == 1
     ):
-        return int(spatial_size[0]), int(spatial_size[1])
-    raise TypeError(f"spatial_size must be an int or a pair (H, W) of ints, got {spatial_size!r}")
+        return f"{name} is not a plain 1x1 convolution (kernel, stride, padding, dilation, groups)"
+    if _sync_needed(m):
+        return (
+            f"{name} is a SyncBatchNorm training in an initialised process group (the fused path "
+            "does not reduce its statistics across processes)"
+        )
+    return None
 
 
 class GlobalSpatialRelationAttention(nn.Module):
@@ -41,18 +133,32 @@ class GlobalSpatialRelationAttention(nn.Module):
     module, so its state dicts load with ``strict=True``.
 
     ``impl="reference"`` runs the literal formulation (materialises the HW x HW relation).
-    ``impl="fused"`` uses the relation's rank (Ci) and BatchNorm moment identities to compute the
-    same function without any HW x HW or HW/2 x HW tensor, in training (batch statistics; running
-    statistics updated exactly as ``nn.BatchNorm2d`` does, ``momentum=None`` included) and in eval
-    (folded to a few vectors). With gradients enabled it saves for backward only its input, its
-    parameters and (training) one input-sized tensor of projections, and recomputes the rest of
-    the block in the backward pass (77x fewer saved bytes than the reference at B=32, 24x24);
-    its backward is not differentiable
-    again (double backward needs ``impl="reference"``). Without gradients, and while tracing or
-    exporting, it is plain torch operations (exportable). ``impl="auto"`` is ``"fused"`` except
-    under forward-mode AD.
+    ``impl="fused"`` uses the relation's rank (Ci) and BatchNorm moment identities
+    (docs/derivations.md, section 3) to compute the same function without any HW x HW or
+    HW/2 x HW tensor, in training (batch statistics; running statistics updated exactly as
+    ``nn.BatchNorm2d`` does, ``momentum=None`` included) and in eval (folded to a few vectors).
+    With gradients enabled it saves for backward only its input, its parameters, (training) one
+    input-sized tensor of projections and (eval) the running statistics, and recomputes the rest
+    of the block in the backward pass (77x fewer saved bytes than the reference at B=32, 24x24)
+    with the configuration recorded at forward time (a backward after ``eval()`` differentiates
+    the training-mode forward that ran). Its backward is not differentiable again (double
+    backward raises and asks for ``impl="reference"``). Without gradients, while tracing or
+    exporting and under ``torch.compile``, it is plain torch operations (exportable,
+    compilable; compiled training then saves what autograd saves for those operations).
 
-    Args:
+    The fused path implements the standard submodules only: when a submodule was replaced (other
+    type), hooked (forward, forward-pre or backward hooks, pruning), parametrized (weight_norm) or
+    is a ``SyncBatchNorm`` that synchronises (training in a process group of more than one
+    process), the block runs the reference path, which calls the submodules, and warns once per
+    instance saying why.
+
+    Under ``torch.autocast`` the fused path computes in float32 (the moment identities cancel in
+    lower precision) and returns the dtype the reference returns. Outside autocast the input
+    must have the parameters' floating dtype, as for ``nn.Conv2d``. Inputs with NaN or inf, or
+    so large that the output overflows, raise a ``ValueError`` (checks skipped while tracing or
+    compiling).
+
+        Args:
         channels: C, divisible by ``groups``.
         spatial_size: (H, W) of the feature maps the block will see (or one int for H = W); the
             relation conv has 2HW input channels, so the block only accepts that size. H W must
@@ -80,6 +186,7 @@ class GlobalSpatialRelationAttention(nn.Module):
     ) -> None:
         super().__init__()
         h, w = _pair(spatial_size)
+        channels, groups = _as_int("channels", channels), _as_int("groups", groups)
         if groups < 1 or channels < 1 or channels % groups:
             raise ValueError(
                 f"GlobalSpatialRelationAttention: channels={channels} must be a positive multiple "
@@ -93,13 +200,13 @@ class GlobalSpatialRelationAttention(nn.Module):
                 "a positive even number; change the input size so the feature map has an even "
                 "number of positions"
             )
-        check_impl(type(self).__name__, impl)
+        self.impl = impl
         self.channels = channels
         self.spatial_size = (h, w)
         self.groups = groups
         self.inter_channel = ci = channels // groups
         self.spatial = hw = h * w
-        self.impl = impl
+        self._fallback_warned = False
         self.conv1x1 = nn.Conv2d(ci, ci, kernel_size=1)
         self.gn = nn.GroupNorm(ci, ci)
         self.theta_spatial = nn.Sequential(
@@ -115,6 +222,19 @@ class GlobalSpatialRelationAttention(nn.Module):
             nn.BatchNorm2d(1),
             nn.ReLU(),
         )
+
+    @property
+    def impl(self) -> Impl:
+        """``"auto"``, ``"fused"`` or ``"reference"``; validated on assignment."""
+        try:
+            return self._impl
+        except AttributeError:  # a module pickled before impl became a property
+            return self.__dict__.get("impl", "auto")
+
+    @impl.setter
+    def impl(self, value: Impl) -> None:
+        check_impl(type(self).__name__, value)
+        self._impl = value
 
     def extra_repr(self) -> str:
         return (
@@ -140,20 +260,86 @@ class GlobalSpatialRelationAttention(nn.Module):
                 f"{name}({c}, spatial_size=({h}, {w}), groups={self.groups}), or resize the "
                 f"input image so the feature map is {self.spatial_size}"
             )
+        self._check_dtype(x)
+        if checks_enabled() and not _all_finite(x):
+            kind = "NaN" if bool(torch.isnan(x.detach()).any()) else "inf"
+            raise ValueError(
+                f"{name}: the input contains {kind}; the block needs finite values. Check the "
+                "layer that produced it, e.g. for overflow under float16 autocast"
+            )
+
+    def _check_dtype(self, x: Tensor) -> None:
+        name = type(self).__name__
+        dtype = self.conv1x1.weight.dtype
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{name}: expected a floating-point input like the module's parameters "
+                f"({dtype}), got {x.dtype}; convert it, e.g. x.to({dtype})"
+            )
+        if x.dtype == dtype:
+            return
+        autocast = autocast_state(x.device)[1]
+        if not (autocast and torch.float64 not in (x.dtype, dtype)):
+            raise TypeError(
+                f"{name}: input dtype {x.dtype} and parameter dtype {dtype} differ (as for "
+                f"nn.Conv2d, they must be the same outside torch.autocast); convert the input "
+                f"(x.to({dtype})) or the module (module.to({x.dtype})), or run under torch.autocast"
+            )
+
+    def _check_output(self, x: Tensor, out: Tensor) -> None:
+        if checks_enabled() and not _all_finite(out):
+            largest = x.detach().abs().max().item()
+            raise ValueError(
+                f"{type(self).__name__}: the output is not finite although the input is: the "
+                f"input is too large for {out.dtype} (max |x| = {largest:.3g}; "
+                "the relation multiplies two projections of it). Normalise the input, or compute "
+                "in a wider dtype; this batch may already have updated the running statistics"
+            )
 
     def _resolved_impl(self, x: Tensor) -> str:
-        if self.impl == "fused" and has_forward_grad(x):
+        forward_ad = not torch.compiler.is_compiling() and has_forward_grad(x)
+        if self.impl == "fused" and forward_ad:
             raise RuntimeError(
                 "GlobalSpatialRelationAttention: impl='fused' does not support forward-mode AD "
                 "(dual tensors); use impl='reference' or impl='auto'"
             )
-        if self.impl != "auto":
-            return self.impl
-        return "reference" if has_forward_grad(x) else "fused"
+        if self.impl == "reference" or forward_ad:
+            return "reference"
+        reason = self._fused_unsupported()
+        if reason is None:
+            return "fused"
+        if not getattr(self, "_fallback_warned", False):
+            self._fallback_warned = True
+            warnings.warn(
+                f"{type(self).__name__}: running the reference path (slower, more memory) "
+                f"instead of impl={self.impl!r}: {reason}. The fused path implements only the "
+                "standard submodules; this warning is shown once per module",
+                stacklevel=3,
+            )
+        return "reference"
+
+    def _fused_unsupported(self) -> str | None:
+        """Why the fused path cannot stand for this module's submodules (None: it can)."""
+        module = nn.modules.module
+        if module._global_forward_hooks or module._global_forward_pre_hooks:
+            return "global module forward hooks are registered"
+        if module._global_backward_hooks or module._global_backward_pre_hooks:
+            return "global module backward hooks are registered"
+        for name, layout in _LAYOUT.items():
+            m = self._modules.get(name)
+            if len(layout) == 1:
+                reason = _unsupported(name, m, layout[0]) if m is not None else f"{name} is missing"
+            elif not _is_type(m, nn.Sequential) or len(m) != len(layout):
+                reason = f"{name} is not the standard nn.Sequential of {len(layout)} modules"
+            else:
+                reason = _hooked(m) and f"{name} has forward, forward-pre or backward hooks"
+                for i, (sub, want) in enumerate(zip(m, layout)):
+                    reason = reason or _unsupported(f"{name}[{i}]", sub, want)
+            if reason:
+                return reason
+        return None
 
     def _count_batches(self) -> None:
-        if not self.training:
-            return
         for bn in (
             self.theta_spatial[1],
             self.phi_spatial[1],
@@ -166,16 +352,27 @@ class GlobalSpatialRelationAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if self._resolved_impl(x) == "reference":
-            return self._forward_reference(x)
+            out = self._forward_reference(x)
+        else:
+            out = self._forward_fused(x)
+        self._check_output(x, out)
+        return out
+
+    def _forward_fused(self, x: Tensor) -> Tensor:
         self._count_batches()
+        plan = GSRAPlan.of(self, x)
         params = dict(self.named_parameters())
+        stats = {n: self.get_buffer(n) for n in plan.stat_names(for_backward=False)}
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params.values())
         )
-        if needs_grad and not is_tracing():
-            return _RecomputedGSRA.apply(self, tuple(params), x, *params.values())
-        # inference, tracing and export: the low-rank form in plain torch operations
-        return gsra_lowrank(x, self, params, update=True)
+        if needs_grad and not (is_tracing() or torch.compiler.is_compiling()):
+            names = (*params, *stats)
+            tensors = (*params.values(), *stats.values())
+            out, _ = RecomputedGSRA.apply(plan, names, len(params), x, *tensors)
+            return out
+        # inference, tracing, export and torch.compile: the low-rank form in plain operations
+        return gsra_lowrank(x, params, stats, plan)
 
     def _forward_reference(self, x: Tensor) -> Tensor:
         """The literal published formulation."""

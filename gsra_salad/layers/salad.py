@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
-from ..ops._dispatch import Impl, check_impl
+from ..ops._dispatch import Impl, check_impl, checks_enabled, is_vmapped
 from ..ops.sinkhorn import dustbin_sinkhorn
 
 __all__ = ["SALAD"]
@@ -30,7 +32,18 @@ class SALAD(nn.Module):
     ``cluster_features``, ``score``, ``dust_bin``), so DINOv2-SALAD and LRFR-SALAD state dicts
     load with ``strict=True``. The output does not depend on ``dust_bin`` (the Sinkhorn
     iterations cancel a constant row): it receives an exact zero gradient and stays in the
-    graph, so DistributedDataParallel does not report it as unused.
+    graph, so DistributedDataParallel does not report it as unused (docs/derivations.md
+    section 2).
+
+    Composability: ``torch.compile(salad, fullgraph=True)`` compiles forward and backward
+    without graph breaks, in train and eval (under compile the fused Sinkhorn solves in the log
+    domain, since its scaling-form guard is a data-dependent branch, and the input checks
+    below are skipped). ``torch.func.grad``, ``vmap`` and ``jacrev`` work with every ``impl``;
+    double backward and forward-mode AD (``jvp``, ``hessian``) need ``impl="reference"``
+    (``impl="auto"`` takes it by itself under forward-mode AD).
+
+    Non-finite features or tokens raise ``ValueError`` (one reduction over the MLP outputs
+    and one host synchronisation per call; skipped while tracing, compiling or under vmap).
 
     Args:
         num_channels: C, channels of the local features.
@@ -40,6 +53,9 @@ class SALAD(nn.Module):
         dropout: dropout probability inside the two MLPs.
         sinkhorn_iters: Sinkhorn iterations.
         impl: implementation of the Sinkhorn solver (see :func:`~gsra_salad.dustbin_sinkhorn`).
+            May be changed after construction (``salad.impl = "reference"``); it is validated.
+
+    The constructor arguments are kept as attributes of the same names.
 
     Shape:
         - Input: features (B, C, H, W) with H W >= num_clusters, and, when ``token_dim > 0``,
@@ -67,25 +83,25 @@ class SALAD(nn.Module):
         impl: Impl = "auto",
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("num_channels", num_channels),
-            ("num_clusters", num_clusters),
-            ("cluster_dim", cluster_dim),
-            ("sinkhorn_iters", sinkhorn_iters),
-        ):
-            if value < 1:
-                raise ValueError(f"SALAD: {name} must be >= 1, got {value}")
-        if token_dim < 0:
-            raise ValueError(
-                f"SALAD: token_dim must be >= 0 (0 = no global token), got {token_dim}"
+        num_channels, num_clusters, cluster_dim, token_dim, sinkhorn_iters = (
+            _as_int(name, value, minimum)
+            for name, value, minimum in (
+                ("num_channels", num_channels, 1),
+                ("num_clusters", num_clusters, 1),
+                ("cluster_dim", cluster_dim, 1),
+                ("token_dim", token_dim, 0),
+                ("sinkhorn_iters", sinkhorn_iters, 1),
             )
-        check_impl("SALAD", impl)
+        )
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"SALAD: dropout must be a float, got {type(dropout).__name__}")
         self.num_channels = num_channels
         self.num_clusters = num_clusters
         self.cluster_dim = cluster_dim
         self.token_dim = token_dim
+        self.dropout = float(dropout)
         self.sinkhorn_iters = sinkhorn_iters
-        self.impl = impl
+        self.impl = impl  # validated by the property
 
         drop = nn.Dropout(dropout)
         if token_dim > 0:
@@ -101,6 +117,16 @@ class SALAD(nn.Module):
         self.dust_bin = nn.Parameter(torch.tensor(1.0))
 
     @property
+    def impl(self) -> Impl:
+        """Implementation of the Sinkhorn solver: ``"auto"``, ``"fused"`` or ``"reference"``."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: Impl) -> None:
+        check_impl("SALAD", value)
+        self._impl = value
+
+    @property
     def output_dim(self) -> int:
         """Size of the descriptor: ``num_clusters * cluster_dim + token_dim``."""
         return self.num_clusters * self.cluster_dim + self.token_dim
@@ -109,7 +135,7 @@ class SALAD(nn.Module):
         return (
             f"num_channels={self.num_channels}, num_clusters={self.num_clusters}, "
             f"cluster_dim={self.cluster_dim}, token_dim={self.token_dim}, "
-            f"sinkhorn_iters={self.sinkhorn_iters}, impl={self.impl!r}"
+            f"dropout={self.dropout}, sinkhorn_iters={self.sinkhorn_iters}, impl={self.impl!r}"
         )
 
     def _split_input(self, x) -> tuple[Tensor, Tensor | None]:
@@ -157,21 +183,49 @@ class SALAD(nn.Module):
             )
         return features, token
 
+    def _check_finite(self, features: Tensor, token: Tensor | None, *outputs: Tensor) -> None:
+        """Raises ValueError if an input is not finite. Cheap when all is well: one sum over
+        the (small) MLP outputs, which any NaN / inf in the input reaches."""
+        total = sum(x.sum(dtype=torch.float32) for x in outputs)
+        if bool(torch.isfinite(total)):
+            return
+        for name, x in (("features", features), ("token", token)):
+            if x is None:
+                continue
+            bad = ~torch.isfinite(x)
+            if bool(bad.any()):
+                kind = "NaN" if bool(torch.isnan(x).any()) else "inf"
+                where = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(
+                    f"SALAD: {name} contains {kind} (first at index {where}); the descriptor "
+                    "needs finite input. Check the layer that produced it, e.g. for overflow "
+                    "under float16 autocast"
+                )
+        if not all(bool(torch.isfinite(x).all()) for x in outputs):
+            raise ValueError(
+                "SALAD: the score / cluster_features / token_features MLPs produced non-finite "
+                "values from finite input: overflow (e.g. under float16 autocast) or non-finite "
+                "weights"
+            )
+
     def _aggregate(self, f: Tensor, scores: Tensor) -> Tensor:
         """Reduced features f (B, l, n) and scores (B, m, n) -> normalised clusters (B, l m)."""
         log_p = dustbin_sinkhorn(scores, self.dust_bin, self.sinkhorn_iters, impl=self.impl)
         p = log_p[:, :-1].exp()  # drop the dustbin row: (B, m, n)
         clusters = torch.bmm(f, p.transpose(1, 2))  # (B, l, m) = einsum('bln,bmn->blm')
-        return F.normalize(clusters, p=2, dim=1).flatten(1)
+        clusters = F.normalize(clusters, p=2, dim=1)
+        return rearrange(clusters, "b l m -> b (l m)")  # the published layout
 
     def forward(self, x: Tensor | tuple[Tensor, Tensor]) -> Tensor:
         features, token = self._split_input(x)
-        f = self.cluster_features(features).flatten(2)  # (B, l, n)
-        scores = self.score(features).flatten(2)  # (B, m, n)
+        f = rearrange(self.cluster_features(features), "b l h w -> b l (h w)")
+        scores = rearrange(self.score(features), "b m h w -> b m (h w)")
+        t = None if token is None else self.token_features(token)
+        if checks_enabled() and not is_vmapped(features, token):
+            self._check_finite(features, token, *(x for x in (f, scores, t) if x is not None))
         desc = self._aggregate(f, scores)
-        if token is not None:
-            t = F.normalize(self.token_features(token), p=2, dim=-1)
-            desc = torch.cat([t, desc], dim=-1)
+        if t is not None:
+            desc = torch.cat([F.normalize(t, p=2, dim=-1), desc], dim=-1)
         return F.normalize(desc, p=2, dim=-1)
 
     def get_config(self) -> dict[str, object]:
@@ -181,7 +235,16 @@ class SALAD(nn.Module):
             "num_clusters": self.num_clusters,
             "cluster_dim": self.cluster_dim,
             "token_dim": self.token_dim,
-            "dropout": float(getattr(self, "dropout", self.cluster_features[1].p)),
+            "dropout": self.dropout,
             "sinkhorn_iters": self.sinkhorn_iters,
             "impl": self.impl,
         }
+
+def _as_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as a Python int >= ``minimum`` (NumPy integers accepted)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"SALAD: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        what = " (0 = no global token)" if name == "token_dim" else ""
+        raise ValueError(f"SALAD: {name} must be >= {minimum}{what}, got {value}")
+    return int(value)

@@ -16,6 +16,7 @@ __all__ = [
     "checks_enabled",
     "has_forward_grad",
     "is_tracing",
+    "is_vmapped",
 ]
 
 Impl = Literal["auto", "fused", "reference"]
@@ -57,3 +58,18 @@ def has_forward_grad(*tensors: Tensor) -> bool:
     return any(
         isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors
     )
+
+
+def is_vmapped(*tensors: object) -> bool:
+    """True if any tensor is batched by ``torch.func.vmap`` at some level.
+
+    Data-dependent checks (``bool(tensor)``) raise under vmap; callers skip them then.
+    """
+    from torch._C import _functorch
+
+    for t in tensors:
+        while isinstance(t, Tensor) and _functorch.is_functorch_wrapped_tensor(t):
+            if _functorch.is_batchedtensor(t):
+                return True
+            t = _functorch.get_unwrapped(t)
+    return False

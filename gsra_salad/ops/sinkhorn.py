@@ -7,30 +7,41 @@ Two implementations sit behind every function, chosen by ``impl``:
     batch-size-1 ``squeeze`` bug). The oracle of the tests and the fallback for everything
     autograd can do: double backward, forward-mode AD, tracing and export.
 ``"fused"``
-    A ``torch.autograd.Function`` in pure torch (any device). The forward solves the scaling
+    ``torch.autograd.Function`` s in pure torch (any device). The forward solves the scaling
     form of the iterations (one softmax and ``2K - 1`` matrix-vector products) and saves only
-    the row-softmax of the kernel; the backward is the exact gradient of the K-step map.
-    Where the scalings would leave floating-point range it solves the same call in the log
-    domain instead (still saving only the kernel and the potentials). Its backward is not
-    differentiable (double backward raises; use ``"reference"``).
+    the row-softmax of the kernel; the backward is the exact gradient of the K-step map
+    (docs/derivations.md section 1). Where the scalings would leave floating-point range it
+    solves the same call in the log domain instead (still saving only the kernel and the
+    potentials). Its backward is not differentiable: double backward and forward-mode AD raise
+    a ``RuntimeError`` that says to use ``"reference"``.
 ``"auto"`` (default)
-    ``"fused"``, except under forward-mode AD (dual tensors), ``torch.jit`` tracing/scripting,
-    ONNX export and ``torch.export``, where it takes ``"reference"``.
+    ``"fused"``, except under forward-mode AD (dual tensors, ``torch.func.jvp``),
+    ``torch.jit`` tracing/scripting, ONNX export and ``torch.export``, where it takes
+    ``"reference"``.
+
+Composability: ``torch.func.grad``, ``vmap`` and ``jacrev`` work with every ``impl`` (the fused
+Functions fold a vmapped dimension into the batch dimension). ``torch.compile(...,
+fullgraph=True)`` traces forward and backward without graph breaks; under compile the fused
+path solves in the log domain directly, because the scaling form's guard is a data-dependent
+branch that a full graph cannot hold (same values; the scaling form's speed is an eager-mode
+gain).
 
 Inputs in float16/bfloat16 (or under ``torch.autocast``) are solved in float32 and returned in
 the input dtype.
 
 Bad input never turns into a silent NaN: NaN or ``+inf`` anywhere in the kernel or marginals,
-and a row or column with positive mass whose kernel entries are all ``-inf``, raise
-``ValueError``. The check costs nothing on the fused path (its range guard already reduces the
-scalings) and one reduction over the (B, M + N) potentials on the reference path, plus one
-host synchronisation per call. It is skipped while tracing, exporting or compiling.
+a non-finite dustbin, and a row or column with positive mass whose kernel entries are all
+``-inf``, raise ``ValueError``. The check costs nothing on the fused path (its range guard
+already reduces the scalings) and one reduction over the (B, M + N) potentials on the
+reference path, plus one host synchronisation per call. It is skipped while tracing,
+exporting, compiling and under ``torch.func.vmap`` (where a data-dependent check cannot run).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -42,10 +53,14 @@ from ._dispatch import (
     checks_enabled,
     has_forward_grad,
     is_tracing,
+    is_vmapped,
 )
-from ._sinkhorn_fused import _ScalingSinkhorn, _ZeroGradient
+from ._sinkhorn_fused import fused_sinkhorn, zero_gradient
 
 __all__ = ["Impl", "dustbin_sinkhorn", "log_sinkhorn"]
+
+_KERNEL = ("M", "N", "", "")  # dimension names in the messages of _check_problem
+_SCORES = ("m", "n", "clusters", "features")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,8 +69,9 @@ __all__ = ["Impl", "dustbin_sinkhorn", "log_sinkhorn"]
 
 
 def _check_num_iters(fn: str, num_iters: int) -> int:
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int):
+    if isinstance(num_iters, bool) or not isinstance(num_iters, numbers.Integral):
         raise TypeError(f"{fn}: num_iters must be an int, got {type(num_iters).__name__}")
+    num_iters = int(num_iters)
     if num_iters < 1:
         raise ValueError(f"{fn}: num_iters must be >= 1, got {num_iters}")
     return num_iters
@@ -70,6 +86,30 @@ def _check_float_tensor(fn: str, name: str, x: object) -> Tensor:
             f"convert it with {name}.float()"
         )
     return x
+
+
+def _check_problem(
+    fn: str, name: str, x: object, num_iters: int, layout: tuple[str, str, str, str]
+) -> tuple[Tensor, int]:
+    """Validation shared by both entry points: ``x`` is a float (B, rows, cols) tensor with
+    rows, cols >= 1 and ``num_iters`` an int >= 1. ``layout = (rows, cols, row_word, col_word)``
+    names the dimensions in the messages. Returns ``(x, num_iters)``."""
+    x = _check_float_tensor(fn, name, x)
+    num_iters = _check_num_iters(fn, num_iters)
+    rows, cols, row_word, col_word = layout
+    if x.dim() != 3:
+        meaning = f" = (batch, {row_word}, {col_word})" if row_word else ""
+        hint = f"; add a batch dimension with {name}.unsqueeze(0)" if x.dim() == 2 else ""
+        raise ValueError(
+            f"{fn}: {name} must have shape (B, {rows}, {cols}){meaning}, got {tuple(x.shape)}{hint}"
+        )
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        row_word, col_word = (f" {row_word}", f" {col_word}") if row_word else ("", "")
+        raise ValueError(
+            f"{fn}: {name} needs {rows} >= 1{row_word} and {cols} >= 1{col_word}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    return x, num_iters
 
 
 def _solve_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -120,11 +160,12 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
-def _make_diagnose(fn: str, kernel_name: str):
+def _make_diagnose(fn: str, kernel_name: str, dustbin: Tensor | None = None):
     """Returns ``diagnose(z, log_a, log_b, potentials)``, raising ValueError on bad input.
 
     With ``potentials=None`` it checks the inputs for NaN / +inf; with ``(u, v)`` it checks the
     final potentials (NaN or +inf there means a row or column could not carry its mass).
+    A ``dustbin`` must be finite (both implementations reject it alike).
     """
 
     def diagnose(z: Tensor, log_a: Tensor, log_b: Tensor, potentials) -> None:
@@ -133,6 +174,12 @@ def _make_diagnose(fn: str, kernel_name: str):
             total = u.sum() + v.sum()  # -inf (zero mass) is legal; NaN / +inf are not
             if not bool(torch.isnan(total) | (total == math.inf)):
                 return
+        if dustbin is not None and not bool(torch.isfinite(dustbin)):
+            raise ValueError(
+                f"{fn}: dustbin must be finite, got {float(dustbin.detach())}. The result does not "
+                "depend on its value, so any finite number works; for SALAD, reset the "
+                "parameter with salad.dust_bin.data.fill_(1.0)"
+            )
         for name, x in ((kernel_name, z), ("log_a", log_a), ("log_b", log_b)):
             nan, pos = torch.isnan(x), torch.isposinf(x)
             if bool(nan.any() | pos.any()):
@@ -166,6 +213,35 @@ def _log_sinkhorn_reference(
         u = log_a - torch.logsumexp(z + v.unsqueeze(-2), dim=-1)
         v = log_b - torch.logsumexp(z + u.unsqueeze(-1), dim=-2)
     return z + u.unsqueeze(-1) + v.unsqueeze(-2), u, v
+
+
+def _solve(
+    impl: str,
+    src: Tensor,
+    log_a: Tensor,
+    log_b: Tensor,
+    num_iters: int,
+    *,
+    dustbin: Tensor | None,
+    shift: float,
+    diagnose,
+) -> Tensor:
+    """Runs the chosen implementation on checked, solve-dtype input; the checks (``diagnose``)
+    run unless tracing, compiling or under ``torch.func.vmap``."""
+    batch = src.shape[0]
+    if batch == 0 or not checks_enabled() or is_vmapped(src, log_a, log_b, dustbin):
+        diagnose = None
+    if impl == "fused" and batch > 0:
+        return fused_sinkhorn(
+            src, log_a, log_b, num_iters, dustbin=dustbin, shift=shift, diagnose=diagnose
+        )
+    z = src
+    if dustbin is not None:  # exact zero gradient for the inert value: docs/derivations.md §2
+        z = torch.cat([src, zero_gradient(dustbin).expand(batch, 1, src.shape[2])], dim=1)
+    out, u, v = _log_sinkhorn_reference(z, log_a, log_b, num_iters)
+    if diagnose is not None:
+        diagnose(z, log_a, log_b, (u, v))
+    return out + shift if shift else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,18 +289,8 @@ def log_sinkhorn(
         True
     """
     fn = "log_sinkhorn"
-    _check_float_tensor(fn, "log_kernel", log_kernel)
-    num_iters = _check_num_iters(fn, num_iters)
-    if log_kernel.dim() != 3:
-        hint = (
-            "; add a batch dimension with log_kernel.unsqueeze(0)" if log_kernel.dim() == 2 else ""
-        )
-        raise ValueError(
-            f"{fn}: log_kernel must have shape (B, M, N), got {tuple(log_kernel.shape)}{hint}"
-        )
+    log_kernel, num_iters = _check_problem(fn, "log_kernel", log_kernel, num_iters, _KERNEL)
     batch, m, n = log_kernel.shape
-    if m == 0 or n == 0:
-        raise ValueError(f"{fn}: log_kernel needs M >= 1 and N >= 1, got {tuple(log_kernel.shape)}")
     log_a = _marginal(fn, "log_a", log_a, batch, m, "M", log_kernel)
     log_b = _marginal(fn, "log_b", log_b, batch, n, "N", log_kernel)
     impl = _resolve_impl(fn, impl, log_kernel, log_a, log_b)
@@ -232,12 +298,7 @@ def log_sinkhorn(
     diagnose = _make_diagnose(fn, "log_kernel")
     with _no_autocast(log_kernel.device):
         z, la, lb = log_kernel.to(dtype), log_a.to(dtype), log_b.to(dtype)
-        if impl == "fused" and batch > 0:
-            out = _ScalingSinkhorn.apply(z, la, lb, num_iters, None, diagnose, 0.0)
-        else:
-            out, u, v = _log_sinkhorn_reference(z, la, lb, num_iters)
-            if batch > 0 and checks_enabled():
-                diagnose(z, la, lb, (u, v))
+        out = _solve(impl, z, la, lb, num_iters, dustbin=None, shift=0.0, diagnose=diagnose)
     return out.to(log_kernel.dtype)
 
 
@@ -291,14 +352,15 @@ def dustbin_sinkhorn(
 
     The result does not depend on the dustbin value (the first row update cancels the constant
     row), so ``dustbin`` receives an exact zero gradient; it stays in the autograd graph, so
-    DistributedDataParallel does not report it as unused.
+    DistributedDataParallel does not report it as unused (docs/derivations.md section 2).
 
     ``n == m`` is legal: the dustbin gets no mass and its row is ``-inf``. ``n < m`` makes the
     published marginals negative and raises, unless ``balanced=True``.
 
     Args:
         scores: (B, m, n) cluster-feature scores.
-        dustbin: the dustbin score, a 0-dim tensor (e.g. a learnable parameter) or a float.
+        dustbin: the dustbin score: a one-element tensor (e.g. a learnable parameter), a
+            Python or NumPy real number, or a one-element NumPy array. Must be finite.
         num_iters: Sinkhorn iterations K (>= 1); SALAD uses 3.
         impl: ``"auto"``, ``"fused"`` or ``"reference"`` (see the module docs).
         balanced: use the balanced marginals of :func:`dustbin_marginals`, defined for n < m.
@@ -308,7 +370,8 @@ def dustbin_sinkhorn(
 
     Raises:
         TypeError: non-tensor or non-floating scores, non-integer ``num_iters``.
-        ValueError: wrong shapes, ``n < m`` without ``balanced``, NaN or +inf scores.
+        ValueError: wrong shapes, ``n < m`` without ``balanced``, NaN or +inf scores, a
+            non-finite dustbin.
 
     Example:
         >>> scores = torch.randn(2, 3, 8)
@@ -319,17 +382,8 @@ def dustbin_sinkhorn(
         True
     """
     fn = "dustbin_sinkhorn"
-    _check_float_tensor(fn, "scores", scores)
-    num_iters = _check_num_iters(fn, num_iters)
-    if scores.dim() != 3:
-        hint = "; add a batch dimension with scores.unsqueeze(0)" if scores.dim() == 2 else ""
-        raise ValueError(
-            f"{fn}: scores must have shape (B, m, n) = (batch, clusters, features), "
-            f"got {tuple(scores.shape)}{hint}"
-        )
+    scores, num_iters = _check_problem(fn, "scores", scores, num_iters, _SCORES)
     batch, m, n = scores.shape
-    if m == 0 or n == 0:
-        raise ValueError(f"{fn}: scores needs m >= 1 clusters and n >= 1 features, got {(m, n)}")
     if n < m and not balanced:
         raise ValueError(
             f"{fn}: got n={n} local features for m={m} clusters, but the dustbin marginal "
@@ -343,23 +397,19 @@ def dustbin_sinkhorn(
         m, n, balanced=balanced, dtype=dtype, device=scores.device
     )
     log_a, log_b = log_a.expand(batch, m + 1), log_b.expand(batch, n)
-    if dustbin.requires_grad and torch.is_grad_enabled() and not is_tracing():
-        dustbin = _ZeroGradient.apply(dustbin)
-    diagnose = _make_diagnose(fn, "scores")
     with _no_autocast(scores.device):
         s, z = scores.to(dtype), dustbin.to(dtype)
-        if impl == "fused" and batch > 0:
-            out = _ScalingSinkhorn.apply(s, log_a, log_b, num_iters, z, diagnose, -norm)
-        else:
-            kernel = torch.cat([s, z.expand(batch, 1, n)], dim=1)
-            out, u, v = _log_sinkhorn_reference(kernel, log_a, log_b, num_iters)
-            if batch > 0 and checks_enabled():
-                diagnose(kernel, log_a, log_b, (u, v))
-            out = out - norm
+        diagnose = _make_diagnose(fn, "scores", z)
+        out = _solve(impl, s, log_a, log_b, num_iters, dustbin=z, shift=-norm, diagnose=diagnose)
     return out.to(scores.dtype)
 
 
-def _dustbin_tensor(fn: str, dustbin: Tensor | float, scores: Tensor) -> Tensor:
+def _dustbin_tensor(fn: str, dustbin: object, scores: Tensor) -> Tensor:
+    """The dustbin as a 0-dim floating tensor on ``scores``' device.
+
+    Takes a tensor with one element, a real number (Python or NumPy scalar) or a one-element
+    NumPy array.
+    """
     if isinstance(dustbin, Tensor):
         if dustbin.numel() != 1:
             raise ValueError(
@@ -369,7 +419,9 @@ def _dustbin_tensor(fn: str, dustbin: Tensor | float, scores: Tensor) -> Tensor:
         if not dustbin.is_floating_point():
             dustbin = dustbin.to(scores.dtype)
         return dustbin.reshape(()).to(scores.device)
-    if isinstance(dustbin, (int, float)) and not isinstance(dustbin, bool):
+    if getattr(dustbin, "__array__", None) is not None and getattr(dustbin, "size", 0) == 1:
+        dustbin = dustbin.reshape(()).item()  # NumPy array or scalar with one element
+    if isinstance(dustbin, numbers.Real) and not isinstance(dustbin, bool):
         return torch.tensor(float(dustbin), dtype=scores.dtype, device=scores.device)
     raise TypeError(
         f"{fn}: dustbin must be a float or a 0-dim tensor, got {type(dustbin).__name__}"
