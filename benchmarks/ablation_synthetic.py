@@ -48,7 +48,7 @@ VARIANTS = {
 class Config:
     """Everything that defines one run (written to the JSON)."""
 
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
