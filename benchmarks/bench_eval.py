@@ -33,9 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-if not __package__:  # run as a file (python benchmarks/bench_eval.py): make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 from benchmarks._common import parser, peak_rss, print_table, reset_peak_rss, write_json
