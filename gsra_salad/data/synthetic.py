@@ -41,6 +41,7 @@ from ._base import require
 from .geometry import polar_transform
 
 __all__ = [
+    "HardSetting",
     "colour_histogram_descriptors",
     "write_cvact",
     "write_cvusa",
@@ -228,9 +229,21 @@ def write_cvusa(
     tile_size: int = 128,
     pano_size: tuple[int, int] = (64, 256),
     seed: int = 0,
+    hard: HardSetting | None = None,
 ) -> Path:
     """Writes a synthetic CVUSA: ``splits/{train,val}-19zl.csv``, ``bingmap/19/<id>.jpg``,
-    ``streetview/panos/<id>.jpg``. Returns ``root``."""
+    ``streetview/panos/<id>.jpg``. Returns ``root``.
+
+    ``hard=HardSetting(...)`` writes the hard setting instead (docs/synthetic-benchmark.md): ground
+    views covering ``fov_degrees`` of the horizon at an unknown heading (cut from a ``pano_size``
+    panorama), objects present in one view only, and ``<root>/hard_setting.json`` (parameters
+    and headings); the files are read by :class:`~gsra_salad.data.CVUSA` as usual.
+    """
+    if hard is not None:
+        return _write_cvusa_hard(
+            root, num_train, num_val, tile_size=tile_size, pano_size=pano_size, seed=seed,
+            setting=hard,
+        )  # fmt: skip
     root = Path(root)
     views = _Views(tile_size, pano_size, tile_size)
     rngs = _rngs(seed, num_train + num_val)
@@ -357,3 +370,7 @@ def colour_histogram_descriptors(images: Tensor, bins: int = 8) -> Tensor:
     hist = torch.zeros(images.shape[0], bins**3, dtype=torch.float64)
     hist.scatter_add_(1, index.flatten(1), torch.ones_like(index.flatten(1), dtype=torch.float64))
     return torch.nn.functional.normalize(hist, dim=1)
+
+
+from ._synthetic_hard import HardSetting  # noqa: E402  (uses this module's helpers)
+from ._synthetic_hard import write_cvusa_hard as _write_cvusa_hard  # noqa: E402
