@@ -244,12 +244,8 @@ class _ScalingSinkhorn(torch.autograd.Function):
         return (_unfold(v, out), _unfold(v, q), ok), (0, 0, None)
 
 
-class _ScalingBackward(torch.autograd.Function):
-    """:func:`scaling_backward` as a Function whose own backward raises a clear error."""
-
-    @staticmethod
-    def forward(grad, q, log_a, log_b, num_iters, dustbin_row):
-        return scaling_backward(grad, q, log_a, log_b, num_iters, dustbin_row)
+class _NotDifferentiableAgain(torch.autograd.Function):
+    """Base of the backward Functions: differentiating them again raises a clear error."""
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -262,6 +258,14 @@ class _ScalingBackward(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+class _ScalingBackward(_NotDifferentiableAgain):
+    """:func:`scaling_backward` as a Function whose own backward raises a clear error."""
+
+    @staticmethod
+    def forward(grad, q, log_a, log_b, num_iters, dustbin_row):
+        return scaling_backward(grad, q, log_a, log_b, num_iters, dustbin_row)
 
     @staticmethod
     def vmap(info, in_dims, grad, q, log_a, log_b, num_iters, dustbin_row):
@@ -379,24 +383,12 @@ class _LogDomainSinkhornEager(_LogDomainSinkhorn):
         return tuple(_unfold(v, x) for x in out), (0, 0, 0)
 
 
-class _LogDomainBackward(torch.autograd.Function):
+class _LogDomainBackward(_NotDifferentiableAgain):
     """:func:`log_domain_backward` as a Function whose own backward raises a clear error."""
 
     @staticmethod
     def forward(grad, z, us, vs):
         return log_domain_backward(grad, z, us, vs)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
     @staticmethod
     def vmap(info, in_dims, grad, z, us, vs):
