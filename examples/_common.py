@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention
-from gsra_salad.data import synthetic
+from gsra_salad.data import PairedBatchAugmentation, synthetic
 from gsra_salad.evaluation import evaluate_retrieval
 from gsra_salad.losses import InfoNCELoss, SoftMarginTripletLoss
 from gsra_salad.models import TinyCNN
@@ -167,6 +167,21 @@ def _resolve(args: argparse.Namespace, recipe: Recipe) -> dict[str, Any]:
     if args.workers is None:
         args.workers = 0 if args.demo else 4
     return values
+
+
+def demo_augmentation(seed: int) -> PairedBatchAugmentation:
+    """The --demo batch augmentation: both views are panoramas (the tiles polar-transformed at
+    loading), flipped and rolled together, each with its own colour change; seeded."""
+    return PairedBatchAugmentation(
+        "polar",
+        flip_p=0.5,
+        rotate=True,
+        brightness=0.2,
+        contrast=0.2,
+        saturation=0.2,
+        channel_gain=0.1,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def demo_model(query_size: Size, reference_size: Size, channels: int = 64) -> CrossViewGeoLocalizer:

@@ -17,13 +17,11 @@ import functools
 import os
 import sys
 
-import torch
-from _common import Data, Recipe, main
+from _common import Data, Recipe, demo_augmentation, main
 
 from gsra_salad.data import (
     CVACT,
     PairedAugmentation,
-    PairedBatchAugmentation,
     PreloadedPairs,
     eval_transform,
     polar_transform,
@@ -92,16 +90,7 @@ def _load_in_memory(args, root, query_size, reference_size, train):
     if not train:
         return Data(None, None, tasks, args.split)
     pairs = load_split("train")
-    augmentation = PairedBatchAugmentation(
-        "polar",
-        flip_p=0.5,
-        rotate=True,
-        brightness=0.2,
-        contrast=0.2,
-        saturation=0.2,
-        channel_gain=0.1,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    augmentation = demo_augmentation(args.seed)
     return Data(pairs, pairs.reference_set(), tasks, args.split, augmentation)
 
 

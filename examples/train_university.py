@@ -21,12 +21,10 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-from _common import Data, Recipe, main
+from _common import Data, Recipe, demo_augmentation, main
 
 from gsra_salad.data import (
     PairedAugmentation,
-    PairedBatchAugmentation,
     PreloadedImages,
     PreloadedPairs,
     University1652,
@@ -129,16 +127,7 @@ def _load_in_memory(args, root, query_size, reference_size, train):
         reference_transform=views["gallery_satellite"],
         workers=threads,
     )
-    augmentation = PairedBatchAugmentation(
-        "polar",
-        flip_p=0.5,
-        rotate=True,
-        brightness=0.2,
-        contrast=0.2,
-        saturation=0.2,
-        channel_gain=0.1,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    augmentation = demo_augmentation(args.seed)
     return Data(pairs, None, tasks, "test", augmentation)
 
 
