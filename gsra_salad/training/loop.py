@@ -495,20 +495,7 @@ def fit(
     """
     context = context or get_context()
     device = context.device
-    if config.batch_size % context.world_size:
-        raise ValueError(
-            f"batch_size {config.batch_size} is the global batch; it must divide evenly over "
-            f"{context.world_size} processes"
-        )
-    if context.distributed and getattr(loss, "gather", True) is False:
-        logger.warning(
-            "training on %d processes with a loss built with gather=False: each rank only "
-            "sees its own %d negatives",
-            context.world_size,
-            config.batch_size // context.world_size,
-        )
-    if "embedding" in config.mining and mining_set is None:
-        raise ValueError(f"mining={config.mining!r} needs mining_set (the images to embed)")
+    _check_fit_arguments(loss, config, context, mining_set)
     output = Path(config.output_dir) if config.output_dir else None
     model.to(device)
     loss.to(device)
@@ -548,27 +535,7 @@ def fit(
     scaler = grad_scaler(device, config.precision)
     state = TrainState()
     if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        loss.load_state_dict(saved["loss"])
-        state = TrainState(**saved["state"])
-        rng = saved["rng"]
-        if len(rng) != context.world_size:
-            logger.warning(
-                "resuming on %d processes a run saved on %d: RNG streams are not restored exactly",
-                context.world_size,
-                len(rng),
-            )
-        set_rng_state(rng[context.rank % len(rng)])
-        generator = _augmentation_generator(augmentation)
-        if generator is not None and saved.get("augmentation_rng") is not None:
-            generator.set_state(saved["augmentation_rng"][context.rank % len(rng)])
-        if context.is_main:  # drop lines of epochs after the checkpoint (a kill in between)
-            _write_metrics(output / "metrics.jsonl", state.history)
-        logger.info(
-            "resumed from %s at epoch %d (step %d)", output / "last", state.next_epoch, state.step
-        )
+        state = _restore(saved, optimizer, scheduler, scaler, loss, augmentation, context, output)
 
     last_metrics: dict[str, dict[str, Any]] = {}
     evaluated_at = -1
@@ -592,34 +559,90 @@ def fit(
         state.next_epoch = epoch + 1
         state.history.append(record)
         logger.info("%s", _summary(record))
-        rng_states = _all_rng_states(context)
-        generator = _augmentation_generator(augmentation)
-        augmentation_rng = None
-        if generator is not None:
-            augmentation_rng = _gather_objects(generator.get_state(), context)
-        if output is not None and context.is_main:
-            output.mkdir(parents=True, exist_ok=True)
-            with (output / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            training_state = {
-                "format": 1,
-                "state": state.as_dict(),
-                "config": asdict(config),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "loss": loss.state_dict(),
-                "sampler": _sampler_state(sampler),
-                "rng": rng_states,
-                "augmentation_rng": augmentation_rng,
-            }
-            ckpt.save_checkpoint(output / "last", _unwrap(model), training_state)
-            if improved:
-                ckpt.save_checkpoint(output / "best", _unwrap(model), copy_from=output / "last")
+        _save_epoch(
+            output, model, record, improved, state, config, context,
+            {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "loss": loss},
+            sampler, augmentation,
+        )  # fmt: skip
         barrier()
     if evaluated_at != config.epochs - 1 or not last_metrics:
         last_metrics = evaluate(model, tasks, config, context)
     return FitResult(last_metrics, state, state.history)
+
+
+def _check_fit_arguments(loss, config: TrainConfig, context, mining_set) -> None:
+    """What :func:`fit` refuses (or warns about) before it touches the model."""
+    if config.batch_size % context.world_size:
+        raise ValueError(
+            f"batch_size {config.batch_size} is the global batch; it must divide evenly over "
+            f"{context.world_size} processes"
+        )
+    if context.distributed and getattr(loss, "gather", True) is False:
+        logger.warning(
+            "training on %d processes with a loss built with gather=False: each rank only "
+            "sees its own %d negatives",
+            context.world_size,
+            config.batch_size // context.world_size,
+        )
+    if "embedding" in config.mining and mining_set is None:
+        raise ValueError(f"mining={config.mining!r} needs mining_set (the images to embed)")
+
+
+def _restore(saved, optimizer, scheduler, scaler, loss, augmentation, context, output):
+    """Loads a ``last/`` training state into the live objects; returns its :class:`TrainState`."""
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    loss.load_state_dict(saved["loss"])
+    state = TrainState(**saved["state"])
+    rng = saved["rng"]
+    if len(rng) != context.world_size:
+        logger.warning(
+            "resuming on %d processes a run saved on %d: RNG streams are not restored exactly",
+            context.world_size,
+            len(rng),
+        )
+    set_rng_state(rng[context.rank % len(rng)])
+    generator = _augmentation_generator(augmentation)
+    if generator is not None and saved.get("augmentation_rng") is not None:
+        generator.set_state(saved["augmentation_rng"][context.rank % len(rng)])
+    if context.is_main:  # drop lines of epochs after the checkpoint (a kill in between)
+        _write_metrics(output / "metrics.jsonl", state.history)
+    logger.info(
+        "resumed from %s at epoch %d (step %d)", output / "last", state.next_epoch, state.step
+    )
+    return state
+
+
+def _save_epoch(
+    output, model, record, improved, state, config, context, stateful, sampler, augmentation
+) -> None:
+    """Appends the epoch to ``metrics.jsonl`` and writes ``last/`` (and ``best/``) on rank 0.
+
+    Every rank must call it: the RNG states of all ranks are gathered to rank 0.
+    """
+    rng_states = _all_rng_states(context)
+    generator = _augmentation_generator(augmentation)
+    augmentation_rng = None
+    if generator is not None:
+        augmentation_rng = _gather_objects(generator.get_state(), context)
+    if output is None or not context.is_main:
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    with (output / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    training_state = {
+        "format": 1,
+        "state": state.as_dict(),
+        "config": asdict(config),
+        **{name: obj.state_dict() for name, obj in stateful.items()},
+        "sampler": _sampler_state(sampler),
+        "rng": rng_states,
+        "augmentation_rng": augmentation_rng,
+    }
+    ckpt.save_checkpoint(output / "last", _unwrap(model), training_state)
+    if improved:
+        ckpt.save_checkpoint(output / "best", _unwrap(model), copy_from=output / "last")
 
 
 def _refresh_neighbours(model, mining_set, labels, config, context, per_rank):
