@@ -199,72 +199,28 @@ def evaluate_retrieval(
         q_pos = _as_positions(query_positions, "query_positions", q_count)
         r_pos = _as_positions(reference_positions, "reference_positions", r_count)
 
-    # which references stay in the ranking
-    if protocol == "university1652":
-        if bool((q_labels == JUNK_LABEL).any()):
-            raise ValueError(f"{owner}: query_labels holds the junk label {JUNK_LABEL}")
-        kept = r_labels != JUNK_LABEL
-        if distractors == "drop":
-            kept &= torch.isin(r_labels, q_labels)
-    else:
-        kept = torch.ones(r_count, dtype=torch.bool, device=device)
+    kept = _kept_references(q_labels, r_labels, protocol, distractors, owner)
     num_kept = int(kept.sum())
-    if num_kept == 0:
-        raise ValueError(f"{owner}: reference_labels leaves no reference after junk removal")
-
-    ks = tuple(ks)
-    if not ks:
-        raise ValueError(f"{owner}: ks is empty; pass at least one cut-off, e.g. ks=(1, 5, 10)")
-    for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_kept:
-            raise ValueError(
-                f"{owner}: every k in ks must be an int in [1, {num_kept}] (the gallery size), "
-                f"got ks={ks}"
-            )
-
+    ks = _check_ks(ks, num_kept, owner)
     true_index, counts = true_match_indices(q_labels, r_labels, kept)
     if protocol == "cvusa":
-        missing = q_labels[counts == 0]
-        if len(missing):
-            raise ValueError(
-                f"{owner}: protocol='cvusa' needs the true reference of every query, but "
-                f"{len(missing)} query label(s) are missing from reference_labels: "
-                f"{_preview(missing)}"
-            )
-        repeated = q_labels[counts > 1]
-        if len(repeated):
-            raise ValueError(
-                f"{owner}: protocol='cvusa' needs exactly one true reference per query, but "
-                f"{len(repeated)} query label(s) occur several times in reference_labels: "
-                f"{_preview(repeated.unique())}; use protocol='university1652' for many true "
-                "matches"
-            )
+        _check_one_true_reference(q_labels, counts, owner)
 
     need_true = protocol == "university1652"
+    search = dict(chunk_size=chunk_size, need_top1=with_positions)
     if backend == "faiss":
         from ._faiss import faiss_positions
 
         k_max = max(*ks, max(1, num_kept // 100))
         positions = faiss_positions(
-            query_descriptors,
-            reference_descriptors,
-            true_index,
-            kept,
-            chunk_size=chunk_size,
-            full=need_true,
-            k_max=k_max,
-            need_top1=with_positions,
-        )
+            query_descriptors, reference_descriptors, true_index, kept,
+            full=need_true, k_max=k_max, **search,
+        )  # fmt: skip
     else:
         positions = streaming_positions(
-            query_descriptors,
-            reference_descriptors,
-            true_index,
-            kept,
-            chunk_size=chunk_size,
-            need_true=need_true,
-            need_top1=with_positions,
-        )
+            query_descriptors, reference_descriptors, true_index, kept,
+            need_true=need_true, **search,
+        )  # fmt: skip
 
     result = {f"R@{k}": recall_at_k(positions.first, k) for k in ks}
     result["R@1%"] = recall_at_k(positions.first, max(1, num_kept // 100))
@@ -274,3 +230,53 @@ def evaluate_retrieval(
         top1 = positions.top1.cpu()
         result.update(localisation_summary(geodesic_distance(q_pos, r_pos[top1], position_metric)))
     return result
+
+
+def _kept_references(
+    q_labels: Tensor, r_labels: Tensor, protocol: str, distractors: str, owner: str
+) -> Tensor:
+    """(R,) bool: the references that stay in the ranking (University-1652 drops junk, and
+    with ``distractors="drop"`` the buildings absent from the queries)."""
+    if protocol == "university1652":
+        if bool((q_labels == JUNK_LABEL).any()):
+            raise ValueError(f"{owner}: query_labels holds the junk label {JUNK_LABEL}")
+        kept = r_labels != JUNK_LABEL
+        if distractors == "drop":
+            kept &= torch.isin(r_labels, q_labels)
+    else:
+        kept = torch.ones(len(r_labels), dtype=torch.bool, device=r_labels.device)
+    if not bool(kept.any()):
+        raise ValueError(f"{owner}: reference_labels leaves no reference after junk removal")
+    return kept
+
+
+def _check_ks(ks: Sequence[int], num_kept: int, owner: str) -> tuple[int, ...]:
+    ks = tuple(ks)
+    if not ks:
+        raise ValueError(f"{owner}: ks is empty; pass at least one cut-off, e.g. ks=(1, 5, 10)")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_kept:
+            raise ValueError(
+                f"{owner}: every k in ks must be an int in [1, {num_kept}] (the gallery size), "
+                f"got ks={ks}"
+            )
+    return ks
+
+
+def _check_one_true_reference(q_labels: Tensor, counts: Tensor, owner: str) -> None:
+    """The CVUSA/CVACT protocol: exactly one true reference per query."""
+    missing = q_labels[counts == 0]
+    if len(missing):
+        raise ValueError(
+            f"{owner}: protocol='cvusa' needs the true reference of every query, but "
+            f"{len(missing)} query label(s) are missing from reference_labels: "
+            f"{_preview(missing)}"
+        )
+    repeated = q_labels[counts > 1]
+    if len(repeated):
+        raise ValueError(
+            f"{owner}: protocol='cvusa' needs exactly one true reference per query, but "
+            f"{len(repeated)} query label(s) occur several times in reference_labels: "
+            f"{_preview(repeated.unique())}; use protocol='university1652' for many true "
+            "matches"
+        )
