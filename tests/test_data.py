@@ -531,22 +531,3 @@ def test_sampler_errors():
         UniqueLabelBatchSampler([0, 0, 1, 1], batch_size=3)
     with pytest.raises(ValueError, match="rank must be in"):
         UniqueLabelBatchSampler(range(10), 2, num_replicas=2, rank=2)
-
-
-def test_data_functions_stay_short():
-    """No function in gsra_salad/data passes 60 lines of code (its docstring not counted)."""
-    import ast
-    from pathlib import Path
-
-    import gsra_salad.data
-
-    long = []
-    for path in Path(gsra_salad.data.__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                first = node.body[0]
-                documented = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-                start = node.body[1].lineno if documented and len(node.body) > 1 else first.lineno
-                if node.end_lineno - start + 1 > 60:
-                    long.append(f"{path.name}:{node.lineno} {node.name}")
-    assert not long, long
