@@ -361,10 +361,17 @@ class _LogDomainSinkhorn(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, z, log_a, log_b, num_iters, shift):
-        v = info.batch_size
-        z, log_a, log_b = _fold(v, in_dims, (z, log_a, log_b), (0, 1, 2))
-        out = _apply(_LogDomainSinkhorn, z, log_a, log_b, num_iters, shift)
-        return tuple(_unfold(v, x) for x in out), (0, 0, 0)
+        return _log_domain_vmap(
+            _LogDomainSinkhorn, info, in_dims, z, log_a, log_b, num_iters, shift
+        )
+
+
+def _log_domain_vmap(function, info, in_dims, z, log_a, log_b, num_iters, shift):
+    """The vmap rule of the log-domain solver Functions: the vmapped dimension joins the batch."""
+    v = info.batch_size
+    z, log_a, log_b = _fold(v, in_dims, (z, log_a, log_b), (0, 1, 2))
+    out = _apply(function, z, log_a, log_b, num_iters, shift)
+    return tuple(_unfold(v, x) for x in out), (0, 0, 0)
 
 
 class _LogDomainSinkhornEager(_LogDomainSinkhorn):
@@ -377,10 +384,9 @@ class _LogDomainSinkhornEager(_LogDomainSinkhorn):
 
     @staticmethod
     def vmap(info, in_dims, z, log_a, log_b, num_iters, shift):
-        v = info.batch_size
-        z, log_a, log_b = _fold(v, in_dims, (z, log_a, log_b), (0, 1, 2))
-        out = _apply(_LogDomainSinkhornEager, z, log_a, log_b, num_iters, shift)
-        return tuple(_unfold(v, x) for x in out), (0, 0, 0)
+        return _log_domain_vmap(
+            _LogDomainSinkhornEager, info, in_dims, z, log_a, log_b, num_iters, shift
+        )
 
 
 class _LogDomainBackward(_NotDifferentiableAgain):
