@@ -41,6 +41,23 @@ from gsra_salad.training import (
 Size = tuple[int, int]
 
 
+# CVUSA and CVACT: Sample4Geo's published recipe and sizes (LRFR's code covers only
+# University-1652), with LRFR's model and loss; each script adds its hard-negative mining.
+SAMPLE4GEO_SOURCE = "Sample4Geo's recipe with LRFR's model and loss"
+SAMPLE4GEO_PUBLISHED = {
+    "epochs": 40,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "schedule": "cosine",
+    "warmup_epochs": 1.0,
+    "eval_every": 4,
+    "loss": "triplet",
+    "query_size": (140, 768),
+    "reference_size": (384, 384),
+    "demo_locations": None,
+}
+
+
 @dataclass
 class Data:
     """What a recipe's ``load`` returns: the training pairs (``None`` for --eval-only), the

@@ -17,7 +17,7 @@ import functools
 import os
 import sys
 
-from _common import Data, Recipe, demo_augmentation, main
+from _common import SAMPLE4GEO_PUBLISHED, SAMPLE4GEO_SOURCE, Data, Recipe, demo_augmentation, main
 
 from gsra_salad.data import (
     CVACT,
@@ -97,20 +97,8 @@ def _load_in_memory(args, root, query_size, reference_size, train):
 RECIPE = Recipe(
     name="cvact",
     title="CVACT",
-    source="Sample4Geo's recipe with LRFR's model and loss",
-    published={
-        "epochs": 40,
-        "batch_size": 128,
-        "lr": 1e-3,
-        "schedule": "cosine",
-        "warmup_epochs": 1.0,
-        "eval_every": 4,
-        "mining": "gps+embedding",
-        "loss": "triplet",
-        "query_size": (140, 768),
-        "reference_size": (384, 384),
-        "demo_locations": None,
-    },
+    source=SAMPLE4GEO_SOURCE,
+    published={**SAMPLE4GEO_PUBLISHED, "mining": "gps+embedding"},
     demo={
         "epochs": 12,
         "batch_size": 64,

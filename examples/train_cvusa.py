@@ -17,7 +17,7 @@ import functools
 import os
 import sys
 
-from _common import Data, Recipe, demo_augmentation, main
+from _common import SAMPLE4GEO_PUBLISHED, SAMPLE4GEO_SOURCE, Data, Recipe, demo_augmentation, main
 
 from gsra_salad.data import (
     CVUSA,
@@ -85,20 +85,8 @@ def _load_in_memory(args, root, query_size, reference_size, train):
 RECIPE = Recipe(
     name="cvusa",
     title="CVUSA",
-    source="Sample4Geo's recipe with LRFR's model and loss",
-    published={
-        "epochs": 40,
-        "batch_size": 128,
-        "lr": 1e-3,
-        "schedule": "cosine",
-        "warmup_epochs": 1.0,
-        "eval_every": 4,
-        "mining": "embedding",
-        "loss": "triplet",
-        "query_size": (140, 768),
-        "reference_size": (384, 384),
-        "demo_locations": None,
-    },
+    source=SAMPLE4GEO_SOURCE,
+    published={**SAMPLE4GEO_PUBLISHED, "mining": "embedding"},
     demo={
         "epochs": 6,
         "batch_size": 64,
