@@ -4,7 +4,9 @@ Import them as ``from tests._helpers import ...`` (``tests`` is a package, so th
 the checkout, from an unpacked sdist, with ``pytest`` or ``python -m pytest``).
 """
 
+import contextlib
 import math
+import socket
 
 import torch
 
@@ -68,3 +70,30 @@ def randomise_norms(module, *, std=1.0, affine=True, var=(0.5, 2.0)):
                 m.running_mean.normal_(0, std)
                 m.running_var.uniform_(*var)
     return module
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world_size: int, port: int):
+    """A gloo process group on 127.0.0.1:``port`` for one spawned test worker.
+
+    On success every rank waits for the others before leaving: a rank that tears its group down
+    while a peer still talks to it makes gloo abort the peer ("terminate called without an
+    active exception", SIGABRT), which made multi-process tests flaky.
+    """
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -1,8 +1,6 @@
 """Evaluation against per-query loops transcribed from the published code (float64)."""
 
 import functools
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from gsra_salad.evaluation import (
     search,
 )
 from gsra_salad.evaluation.grid import FALSE_COLOUR, QUERY_COLOUR, TRUE_COLOUR
+from tests._helpers import free_port, gloo_group
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -554,18 +553,9 @@ def test_embed_bad_input():
 WORLD = 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _embed_worker(rank, port):
-    import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, port):
         seen = []
 
         class Recording(Net):
@@ -585,8 +575,6 @@ def _embed_worker(rank, port):
             desc, labels = embed(net, DataLoader(data, batch_size=3), progress=False)
             torch.testing.assert_close(desc, expected)
             assert labels.tolist() == data.labels
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests._helpers import free_port
 
 pytest.importorskip("PIL")
 pytest.importorskip("scipy")
@@ -137,16 +138,10 @@ def test_kill_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_torchrun_on_cpu(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(_free_port()), str(EXAMPLES / "train_cvusa.py"),
+        "--master_port", str(free_port()), str(EXAMPLES / "train_cvusa.py"),
         "--demo", *TINY, "--epochs", "1", "--device", "cpu", "--output-dir", str(tmp_path / "ddp"),
     ]  # fmt: skip
     result = subprocess.run(

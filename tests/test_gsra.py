@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from gsra_salad import GlobalSpatialRelationAttention
-from tests._helpers import DEVICES, SavedBytes, randomise_norms
+from tests._helpers import DEVICES, SavedBytes, free_port, gloo_group, randomise_norms
 
 # float32 tolerances for the whole block (two BatchNorms over a rank-Ci reduction)
 TOL32 = dict(rtol=2e-4, atol=2e-5)
@@ -367,54 +367,45 @@ def test_standard_module_and_sync_batchnorm_outside_a_process_group_run_fused(re
 
 
 def _sync_batchnorm_worker(rank: int, world: int, port: int, errors) -> None:
-    import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        torch.manual_seed(0)
-        ref = GlobalSpatialRelationAttention(32, (4, 4), 8, impl="reference").double()
-        fused = copy.deepcopy(ref)
-        fused.impl = "auto"
-        ref, fused = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (ref, fused))
-        torch.manual_seed(1 + rank)
-        x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
-        grad_out = torch.randn_like(x)
-        # training: SyncBatchNorm synchronises; the fused path must not use local statistics.
-        # On CPU torch's SyncBatchNorm itself refuses (it needs GPU inputs): the same error.
-        outcomes = []
-        for m in (ref, fused):
-            try:
-                outcomes.append(("ok", _step(m, x, grad_out)))
-            except ValueError as e:
-                outcomes.append(("error", str(e)))
-        assert outcomes[0][0] == outcomes[1][0], outcomes
-        if outcomes[0][0] == "ok":
-            _assert_same_step(outcomes[0][1], outcomes[1][1], TOL64)
-        else:
-            assert outcomes[0][1] == outcomes[1][1]
-        assert "SyncBatchNorm" in fused._fused_unsupported()
-        # eval: no synchronisation, the fused path runs and agrees
-        ref.eval()
-        fused.eval()
-        assert fused._fused_unsupported() is None
-        _assert_same_step(_step(ref, x, grad_out), _step(fused, x, grad_out), TOL64)
-    except BaseException as e:  # report to the parent
-        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
-        raise
-    finally:
-        dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        try:
+            torch.manual_seed(0)
+            ref = GlobalSpatialRelationAttention(32, (4, 4), 8, impl="reference").double()
+            fused = copy.deepcopy(ref)
+            fused.impl = "auto"
+            ref, fused = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (ref, fused))
+            torch.manual_seed(1 + rank)
+            x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
+            grad_out = torch.randn_like(x)
+            # training: SyncBatchNorm synchronises; the fused path must not use local statistics.
+            # On CPU torch's SyncBatchNorm itself refuses (it needs GPU inputs): the same error.
+            outcomes = []
+            for m in (ref, fused):
+                try:
+                    outcomes.append(("ok", _step(m, x, grad_out)))
+                except ValueError as e:
+                    outcomes.append(("error", str(e)))
+            assert outcomes[0][0] == outcomes[1][0], outcomes
+            if outcomes[0][0] == "ok":
+                _assert_same_step(outcomes[0][1], outcomes[1][1], TOL64)
+            else:
+                assert outcomes[0][1] == outcomes[1][1]
+            assert "SyncBatchNorm" in fused._fused_unsupported()
+            # eval: no synchronisation, the fused path runs and agrees
+            ref.eval()
+            fused.eval()
+            assert fused._fused_unsupported() is None
+            _assert_same_step(_step(ref, x, grad_out), _step(fused, x, grad_out), TOL64)
+        except BaseException as e:  # report to the parent
+            errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+            raise
 
 
 def test_sync_batchnorm_in_a_process_group_two_gloo_processes():
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     mp.start_processes(

@@ -1,8 +1,6 @@
 """Losses against literal transcriptions of the published code (float64), and across processes."""
 
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from gsra_salad.losses import (
     info_nce_loss,
     soft_margin_triplet_loss,
 )
+from tests._helpers import free_port, gloo_group
 
 # ---------------------------------------------------------------------------------------------
 # test oracles: the published formulas written out literally (float64, CPU)
@@ -376,12 +375,6 @@ def test_bad_arguments():
 WORLD, LOCAL_B, D_IN, D_OUT = 2, 5, 6, 4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_case(name):
     """Global batch, labels and a fresh (model, loss) pair, identical in every process."""
     g = torch.Generator().manual_seed(1234)
@@ -402,9 +395,7 @@ def make_case(name):
 def _gather_worker(rank, port, names):
     import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, port):
         for name in names:
             for use_labels in (False, True):
                 xq, xr, labels, model, loss_fn = make_case(name)
@@ -447,8 +438,6 @@ def _gather_worker(rank, port, names):
                 local_alone.gather = False
                 alone = local_alone(model(xq[sl]), model(xr[sl]), **kw)
                 assert not torch.allclose(alone, loss), tag
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gsra_salad import SALAD, dustbin_sinkhorn
-from tests._helpers import DEVICES, published_matching_probs
+from tests._helpers import DEVICES, free_port, gloo_group, published_matching_probs
 
 
 class _PublishedSALAD(nn.Module):
@@ -297,28 +297,14 @@ def _train_steps(model, params, rank_batches, scale=1.0):
 
 
 def _ddp_worker(rank, port, state, out_dir):
-    import torch.distributed as dist
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=_DDP_WORLD
-    )
-    try:
+    with gloo_group(rank, _DDP_WORLD, port):
         salad = SALAD(16, 4, 2, token_dim=0, dropout=0.0)
         salad.load_state_dict(state)
         model = torch.nn.parallel.DistributedDataParallel(salad)  # find_unused_parameters=False
         xs, ws = _ddp_batches()
         result = _train_steps(model, list(salad.parameters()), lambda t: (xs[t, rank], ws[t, rank]))
         torch.save(result, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ddp_two_ranks_match_one_process_on_the_whole_batch(tmp_path):
@@ -333,7 +319,7 @@ def test_ddp_two_ranks_match_one_process_on_the_whole_batch(tmp_path):
         pytest.skip("torch.distributed is not available in this build")
     salad = SALAD(16, 4, 2, token_dim=0, dropout=0.0)
     state = {k: v.clone() for k, v in salad.state_dict().items()}
-    mp.spawn(_ddp_worker, args=(_free_port(), state, str(tmp_path)), nprocs=_DDP_WORLD)
+    mp.spawn(_ddp_worker, args=(free_port(), state, str(tmp_path)), nprocs=_DDP_WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(_DDP_WORLD)]
     xs, ws = _ddp_batches()
     single = _train_steps(
