@@ -30,6 +30,7 @@ from gsra_salad.models import TinyCNN
 from gsra_salad.training import (
     RetrievalTask,
     TrainConfig,
+    TrainData,
     barrier,
     cleanup_distributed,
     evaluate,
@@ -345,9 +346,8 @@ def run(args: argparse.Namespace, recipe: Recipe) -> list[dict[str, Any]]:
                     f"{context.device}; checkpoints in {output}"
                 )
                 result = fit(
-                    model, loss, data.train, data.tasks, config,
-                    context=context, resume=args.resume, mining_set=data.mining,
-                    augmentation=data.augmentation,
+                    model, loss, TrainData(data.train, data.augmentation, data.mining),
+                    data.tasks, config, context=context, resume=args.resume,
                 )  # fmt: skip
                 metrics = result.metrics
             baseline = {}

@@ -18,6 +18,7 @@ from gsra_salad.models import TinyCNN
 from gsra_salad.training import (
     RetrievalTask,
     TrainConfig,
+    TrainData,
     WarmupSchedule,
     autocast,
     build_optimizer,
@@ -296,7 +297,7 @@ def test_fit_resume_in_process_matches_uninterrupted(tmp_path, monkeypatch, sour
         seed_everything(1)
         model, loss = _model(), InfoNCELoss()
         config = _config(directory, epochs=3, mining="gps", eval_every=2, workers=workers)
-        fit(model, loss, pairs, _task(pairs), config, resume=resume, augmentation=_Jitter())
+        fit(model, loss, TrainData(pairs, _Jitter()), _task(pairs), config, resume=resume)
         return model, loss
 
     full, full_loss = run(tmp_path / "a")
@@ -312,7 +313,7 @@ def test_fit_resume_in_process_matches_uninterrupted(tmp_path, monkeypatch, sour
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b")
     monkeypatch.setattr(loop, "train_one_epoch", real)
-    assert load_training_state(tmp_path / "b" / "last")["state"]["next_epoch"] == 2
+    assert load_training_state(tmp_path / "b" / "last")["progress"]["next_epoch"] == 2
     with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
         f.write('{"epoch": 3, "stale": true}\n')  # as if killed after writing this line
     torch.manual_seed(12345)  # a different global RNG state: resume restores the saved one
@@ -366,9 +367,8 @@ def test_fit_explains_missing_positions_and_mining_set(tmp_path):
 def test_embedding_mining_rebuilds_batches_from_neighbours(tmp_path):
     pairs = _Pairs(24)
     fit(
-        _model(), InfoNCELoss(), pairs, _task(pairs),
+        _model(), InfoNCELoss(), TrainData(pairs, mining_set=_Side(pairs, 1)), _task(pairs),
         _config(tmp_path, epochs=2, mining="embedding", eval_every=1, mining_neighbours=5),
-        mining_set=_Side(pairs, 1),
     )  # fmt: skip
     sampler = load_training_state(tmp_path / "last")["sampler"]
     assert sampler["neighbours"] is not None and sampler["neighbours"].shape == (24, 5)

@@ -19,6 +19,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -125,6 +126,38 @@ class UniqueLabelBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose batches the next iteration yields (seeds ``seed + epoch``)."""
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: ``{"epoch": int, "neighbours": (N, k) int64 tensor or
+        None}`` (the mined neighbours, for :class:`NeighbourBatchSampler`).
+
+        Example:
+            >>> sampler = UniqueLabelBatchSampler([0, 1, 2, 3], batch_size=2)
+            >>> sampler.set_epoch(3); sampler.state_dict()
+            {'epoch': 3, 'neighbours': None}
+        """
+        neighbours = getattr(self, "neighbours", None)
+        if neighbours is not None:
+            neighbours = torch.from_numpy(np.asarray(neighbours, dtype=np.int64))
+        return {"epoch": int(self.epoch), "neighbours": neighbours}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`.
+
+        Raises:
+            ValueError: neighbours saved by a :class:`NeighbourBatchSampler` given to a sampler
+                without neighbours (build a :class:`NeighbourBatchSampler` from them first).
+        """
+        neighbours = state.get("neighbours")
+        if neighbours is not None and not hasattr(self, "neighbours"):
+            raise ValueError(
+                f"{type(self).__name__} cannot take saved neighbours; build a "
+                "NeighbourBatchSampler(labels, state['neighbours'].numpy(), ...) instead"
+            )
+        if neighbours is not None:
+            self.neighbours = np.asarray(neighbours)
+            self._cache = None
+        self.set_epoch(int(state["epoch"]))
 
     def _order(self) -> np.ndarray:
         return np.random.default_rng(self.seed + self.epoch).permutation(len(self.labels))

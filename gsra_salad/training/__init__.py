@@ -1,11 +1,13 @@
-"""The small training loop the examples share: AdamW, schedules, clipping, mixed precision,
-checkpoints that resume exactly, and DistributedDataParallel through ``torchrun``.
+"""The training loop the examples share: AdamW, schedules, clipping, mixed precision,
+checkpoints that resume exactly (and refuse to resume with changed settings), callbacks, and
+DistributedDataParallel through ``torchrun``.
 
-Read it in this order: :mod:`.precision` (autocast and the scaler), :mod:`.optim` (optimizer,
-schedules, clipping), :mod:`.state` (TrainState, seeds, RNG states), :mod:`.checkpoint`
-(atomic ``last/`` and ``best/``), :mod:`.distributed` (the process group) and
-:mod:`.loop` (:func:`fit`). Library code logs (``logging.getLogger("gsra_salad.training")``);
-it never prints.
+Read it in this order: :mod:`.config` (TrainConfig and what may change on resume),
+:mod:`.precision` (autocast and the scaler), :mod:`.optim` (optimizer, schedules, clipping),
+:mod:`.state` (TrainState: everything stateful in a run, seeds, RNG states),
+:mod:`.checkpoint` (atomic ``last/`` and ``best/``), :mod:`.distributed` (the process group),
+:mod:`.callbacks` and :mod:`.loop` (:func:`fit`). Library code logs
+(``logging.getLogger("gsra_salad.training")``); it never prints.
 
 Example:
     >>> import torch
@@ -30,14 +32,17 @@ Example:
     (['R@1', 'R@1%', 'R@10'], 1)
 """
 
+from .callbacks import Callback, CallbackList
 from .checkpoint import (
     STATE_DICT_FILE,
     TRAINING_STATE_FILE,
+    CheckpointError,
     load_model_weights,
     load_training_state,
     recover,
     save_checkpoint,
 )
+from .config import FREE_ON_RESUME, ResumeError, TrainConfig, resume_changes
 from .distributed import (
     DistributedContext,
     barrier,
@@ -46,11 +51,12 @@ from .distributed import (
     init_distributed,
 )
 from .loop import (
-    ContrastivePair,
     FitResult,
     PairView,
     RetrievalTask,
-    TrainConfig,
+    TrainData,
+    TrainStep,
+    build_train_state,
     evaluate,
     fit,
     train_one_epoch,
@@ -61,20 +67,27 @@ from .state import TrainState, get_rng_state, seed_everything, set_rng_state
 
 __all__ = [
     "AUTOCAST_DTYPES",
+    "FREE_ON_RESUME",
     "STATE_DICT_FILE",
     "TRAINING_STATE_FILE",
-    "ContrastivePair",
+    "Callback",
+    "CallbackList",
+    "CheckpointError",
     "DistributedContext",
     "FitResult",
     "PairView",
+    "ResumeError",
     "RetrievalTask",
     "TrainConfig",
+    "TrainData",
     "TrainState",
+    "TrainStep",
     "WarmupSchedule",
     "autocast",
     "barrier",
     "build_optimizer",
     "build_scheduler",
+    "build_train_state",
     "cleanup_distributed",
     "clip_gradients",
     "evaluate",
@@ -87,6 +100,7 @@ __all__ = [
     "load_training_state",
     "recover",
     "resolve_precision",
+    "resume_changes",
     "save_checkpoint",
     "seed_everything",
     "set_rng_state",

@@ -23,8 +23,13 @@ from typing import Any
 import torch
 
 __all__ = [
+    "RUN_FILES",
     "STATE_DICT_FILE",
     "TRAINING_STATE_FILE",
+    "CheckpointError",
+    "clean_leftovers",
+    "clear_run",
+    "holds_run",
     "load_model_weights",
     "load_training_state",
     "recover",
@@ -35,6 +40,12 @@ logger = logging.getLogger(__name__)
 
 TRAINING_STATE_FILE = "training_state.pt"
 STATE_DICT_FILE = "model_state.pt"
+# what a run writes in its output folder (besides hidden temporaries)
+RUN_FILES = ("last", "best", "metrics.jsonl", "run.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or corrupt (the message names the file)."""
 
 
 def _old(target: Path) -> Path:
@@ -130,16 +141,25 @@ def load_training_state(directory: str | os.PathLike) -> dict[str, Any]:
     runs while loading).
 
     Raises:
-        FileNotFoundError: naming the directory, when there is no checkpoint to resume from.
+        FileNotFoundError: naming the file, when there is no checkpoint to resume from.
+        CheckpointError: naming the file, when it is truncated or corrupt.
     """
     directory = recover(directory)
     path = directory / TRAINING_STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"no checkpoint to resume from: {path} not found (a run writes it after its first "
-            "epoch; drop --resume to start afresh)"
+            "epoch)"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, I/O error: all mean "unusable"
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]}); the run cannot resume from it. Fine-tune "
+            f"from {directory.parent / 'best'} (if it exists) in a new output folder, or start "
+            "afresh with overwrite"
+        ) from err
 
 
 def load_model_weights(directory: str | os.PathLike, model: torch.nn.Module) -> None:
@@ -147,12 +167,70 @@ def load_model_weights(directory: str | os.PathLike, model: torch.nn.Module) -> 
 
     Raises:
         FileNotFoundError: when the directory holds neither form.
+        CheckpointError: naming the directory, when the weights are corrupt or do not fit.
     """
     directory = recover(directory)
-    if (directory / STATE_DICT_FILE).is_file():
-        state = torch.load(directory / STATE_DICT_FILE, map_location="cpu", weights_only=True)
-    elif hasattr(type(model), "from_pretrained"):
-        state = type(model).from_pretrained(directory).state_dict()
-    else:
-        raise FileNotFoundError(f"no model weights in {directory}")
-    model.load_state_dict(state)
+    try:
+        if (directory / STATE_DICT_FILE).is_file():
+            state = torch.load(directory / STATE_DICT_FILE, map_location="cpu", weights_only=True)
+        elif hasattr(type(model), "from_pretrained"):
+            state = type(model).from_pretrained(directory).state_dict()
+        else:
+            raise FileNotFoundError(f"no model weights in {directory}")
+        model.load_state_dict(state)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise CheckpointError(
+            f"the weights in {directory} cannot be loaded ({' '.join(str(err).split())[:300]})"
+        ) from err
+
+
+def holds_run(directory: str | os.PathLike) -> list[str]:
+    """The names of a run's files that ``directory`` holds (empty: no run there).
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp()); (root / "metrics.jsonl").write_text("")
+        0
+        >>> holds_run(root)
+        ['metrics.jsonl']
+    """
+    directory = Path(directory)
+    # run.json alone is no run: it is written before the first epoch
+    names = ["last", "best", "metrics.jsonl", ".last.old", ".best.old"]
+    return [name for name in names if (directory / name).exists()]
+
+
+def clear_run(directory: str | os.PathLike) -> None:
+    """Deletes a run's files (``last/``, ``best/``, ``metrics.jsonl``, ``run.json`` and the
+    temporaries of interrupted saves) from ``directory``; other files stay."""
+    directory = Path(directory)
+    clean_leftovers(directory)
+    for name in [*holds_run(directory), "run.json"]:
+        path = directory / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def clean_leftovers(directory: str | os.PathLike) -> list[Path]:
+    """Removes the temporary copies (``.last.tmp-*``, ``.best.tmp-*``) that a run killed while
+    saving left in ``directory``; returns what was removed. Completes an interrupted swap
+    first (:func:`recover`)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    for name in ("last", "best"):
+        recover(directory / name)
+    removed = []
+    for path in directory.glob(".*.tmp-*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+        removed.append(path)
+    if removed:
+        logger.info("removed %d temporary checkpoint(s) left by an interrupted run", len(removed))
+    return removed

@@ -1,11 +1,14 @@
-"""The training loop the examples share: :func:`fit`, :func:`train_one_epoch`, :func:`evaluate`.
+"""The training loop: :func:`fit`, :func:`train_one_epoch`, :func:`evaluate`.
 
 One epoch: batches of distinct locations (or of hard negatives), autocast forward, the loss in
 float32, backward (through a GradScaler for float16), clipping, AdamW step, schedule step. Every
 ``eval_every`` epochs (and after the last) the retrieval tasks are evaluated with
 :func:`~gsra_salad.evaluation.evaluate_retrieval`; hard-negative batches can then be rebuilt from
 the new embeddings. After every epoch rank 0 appends a line to ``<output-dir>/metrics.jsonl`` and
-writes ``<output-dir>/last/`` (and ``best/`` on a better R@1).
+writes ``<output-dir>/last/`` (and ``best/`` when ``config.best_metric`` improved).
+
+Everything stateful lives in one :class:`~gsra_salad.training.TrainState`; the run's settings,
+model and data size are recorded in ``<output-dir>/run.json`` and compared on resume.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,17 +33,20 @@ from ..data import NeighbourBatchSampler, UniqueLabelBatchSampler
 from ..data._base import load_rgb
 from ..evaluation import embed, evaluate_retrieval
 from . import checkpoint as ckpt
+from .callbacks import Callback, CallbackList
+from .config import ResumeError, TrainConfig, resume_changes
 from .distributed import DistributedContext, barrier, get_context
-from .optim import build_optimizer, build_scheduler, clip_gradients
+from .optim import WarmupSchedule, build_optimizer, build_scheduler, clip_gradients
 from .precision import AUTOCAST_DTYPES, autocast, grad_scaler, resolve_precision
-from .state import TrainState, get_rng_state, set_rng_state
+from .state import TrainState, seed_everything
 
 __all__ = [
-    "ContrastivePair",
     "FitResult",
     "PairView",
     "RetrievalTask",
-    "TrainConfig",
+    "TrainData",
+    "TrainStep",
+    "build_train_state",
     "evaluate",
     "fit",
     "train_one_epoch",
@@ -48,72 +54,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Mining = Literal["none", "gps", "embedding", "gps+embedding"]
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of a run (defaults: Sample4Geo's recipe, DESIGN section 7).
-
-    Attributes:
-        epochs: training epochs.
-        batch_size: pairs per optimizer step over all processes (split evenly over the ranks).
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay (torch's default 0.01).
-        schedule: ``"cosine"``, ``"linear"`` or ``"constant"``, after the warmup.
-        warmup_epochs: linear warmup length in epochs (may be fractional, 0 = none).
-        clip_value: clip every gradient element to [-clip_value, clip_value] (``None``: off).
-        clip_norm: clip the total gradient norm (``None``: off).
-        precision: ``"auto"`` (float16 + GradScaler on CUDA, float32 on CPU), ``"amp"``
-            (float16 + GradScaler on CUDA, bfloat16 on CPU), ``"bf16"``, ``"fp16"`` or
-            ``"fp32"``.
-        grad_checkpointing: recompute the backbone's activations in backward.
-        eval_every: evaluate every this many epochs (and after the last).
-        eval_batch_size: images per batch when embedding for evaluation.
-        mining: batch construction: ``"none"`` (distinct locations in random order), ``"gps"``
-            (GPS neighbours, needs the training set's ``positions``), ``"embedding"``
-            (neighbours in the last embeddings, rebuilt after each evaluation; random order
-            before the first) or ``"gps+embedding"`` (GPS until the first evaluation).
-        mining_neighbours: neighbours kept per sample for mining (Sample4Geo: pool 128).
-        neighbours_per_anchor: how many of an anchor's neighbours join its batch.
-        seed: seeds the model's initialisation, the batch order and the augmentations.
-        workers: DataLoader worker processes.
-        output_dir: where ``last/``, ``best/`` and ``metrics.jsonl`` go (``None``: no files).
-        progress: tqdm progress bars (rank 0, needs the ``progress`` extra).
-    """
-
-    epochs: int = 40
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_epochs: float = 1.0
-    clip_value: float | None = 100.0
-    clip_norm: float | None = None
-    precision: str = "auto"
-    grad_checkpointing: bool = False
-    eval_every: int = 4
-    eval_batch_size: int = 128
-    mining: Mining = "none"
-    mining_neighbours: int = 64
-    neighbours_per_anchor: int = 3
-    seed: int = 1
-    workers: int = 4
-    output_dir: str | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1:
-            raise ValueError(
-                "epochs, batch_size and eval_every must be >= 1, got "
-                f"{self.epochs}, {self.batch_size}, {self.eval_every}"
-            )
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.mining not in ("none", "gps", "embedding", "gps+embedding"):
-            raise ValueError(
-                f"mining must be 'none', 'gps', 'embedding' or 'gps+embedding', got {self.mining!r}"
-            )
+RUN_FILE = "run.json"
 
 
 @dataclass
@@ -127,6 +68,11 @@ class RetrievalTask:
         query_view: which of the model's views embeds the queries (``"query"``/``"reference"``).
         reference_view: which view embeds the references.
         protocol: ``"cvusa"`` or ``"university1652"`` (see :func:`evaluate_retrieval`).
+        distractors: ``"keep"`` (official) or ``"drop"`` (``university1652`` only).
+        query_positions, reference_positions: optional (Q, 2) and (R, 2) positions; with them
+            the metrics include the top-1 localisation error in metres.
+        position_metric: ``"euclidean"`` (planar metres) or ``"haversine"`` (degrees), with
+            positions.
     """
 
     name: str
@@ -135,6 +81,35 @@ class RetrievalTask:
     query_view: str = "query"
     reference_view: str = "reference"
     protocol: str = "cvusa"
+    distractors: str = "keep"
+    query_positions: Any = None
+    reference_positions: Any = None
+    position_metric: str | None = None
+
+
+@dataclass
+class TrainData:
+    """What :func:`fit` trains on.
+
+    Attributes:
+        pairs: pair dataset, items ``(query, reference, label)``, with ``labels`` (and
+            ``positions`` for GPS mining). A dataset with a ``batches(sampler, augmentation)``
+            method (:class:`~gsra_salad.data.PreloadedPairs`) serves its own batches; any other
+            goes through a DataLoader.
+        augmentation: applied to every training batch ``(query, reference)`` before it is
+            normalised, e.g. :class:`~gsra_salad.data.PairedBatchAugmentation`; its state is
+            checkpointed (see :class:`~gsra_salad.training.TrainState`).
+        mining_set: ``(image, label)`` items aligned with ``pairs`` (usually its references
+            with the evaluation transform) for embedding-neighbour mining.
+
+    Example:
+        >>> TrainData([(torch.zeros(3, 4, 4), torch.zeros(3, 4, 4), 0)]).augmentation is None
+        True
+    """
+
+    pairs: Dataset
+    augmentation: Any = None
+    mining_set: Dataset | None = None
 
 
 class PairView(Dataset):
@@ -172,13 +147,21 @@ class PairView(Dataset):
         return item[self.view], int(item[2])
 
 
-class ContrastivePair(nn.Module):
-    """The model and the loss in one module, so that DistributedDataParallel synchronises the
-    loss's learnable temperature too. The loss runs in float32 outside autocast.
+class TrainStep(nn.Module):
+    """The model and the loss in one module: ``(query, reference, labels) -> loss``, so that
+    DistributedDataParallel synchronises the loss's learnable temperature too. The loss runs in
+    float32 outside autocast.
 
     Shape:
         - Input: query (B, 3, H, W), reference (B, 3, H', W'), labels (B,)
         - Output: scalar loss
+
+    Example:
+        >>> from gsra_salad.losses import InfoNCELoss
+        >>> model = nn.Linear(4, 8)
+        >>> step = TrainStep(lambda q, r: (model(q), model(r)), InfoNCELoss())
+        >>> step(torch.rand(3, 4), torch.rand(3, 4), torch.arange(3)).shape
+        torch.Size([])
     """
 
     def __init__(self, model: nn.Module, loss: nn.Module) -> None:
@@ -193,7 +176,7 @@ class ContrastivePair(nn.Module):
 
 @dataclass
 class FitResult:
-    """What :func:`fit` returns: the last evaluation's metrics per task and the final state."""
+    """What :func:`fit` returns: the last evaluation's metrics per task and the run state."""
 
     metrics: dict[str, dict[str, Any]]
     state: TrainState
@@ -210,27 +193,32 @@ def _progress(iterable, total: int, enabled: bool, desc: str):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+# -- one epoch ---------------------------------------------------------------------------------
+
+
 def train_one_epoch(
     module: nn.Module,
-    loader: Iterable[tuple[Tensor, Tensor, Tensor]],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    config: TrainConfig,
     state: TrainState,
+    loader: Iterable[tuple[Tensor, Tensor, Tensor]],
     context: DistributedContext,
-    *,
-    epoch: int = 0,
+    callbacks: Callback | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns ``{"loss", "lr", "images_per_s"}`` (this rank's).
+    """One pass over ``loader``; returns ``{"loss", "lr", "images_per_s", "seconds"}`` (this
+    rank's), and advances ``state.step``.
 
-    ``loader`` yields ``(query, reference, labels)`` batches and has a ``len()``.
-
-    ``module`` maps ``(query, reference, labels)`` to a scalar loss (:class:`ContrastivePair`,
-    possibly wrapped in DistributedDataParallel); ``state.step`` counts optimizer steps.
+    Args:
+        module: maps ``(query, reference, labels)`` to a scalar loss (:class:`TrainStep`,
+            possibly wrapped in DistributedDataParallel).
+        state: the run state (its optimizer, scheduler, scaler and config are used).
+        loader: yields ``(query, reference, labels)`` batches and has a ``len()``.
+        context: the process group and device.
+        callbacks: ``on_step_end`` is called after every optimizer step.
     """
+    config, optimizer, scheduler = state.config, state.optimizer, state.scheduler
+    scaler = state.scaler
     device = context.device
     precision = resolve_precision(config.precision, device)
+    epoch = state.next_epoch
     module.train()
     batches, images = 0, 0
     start = time.perf_counter()
@@ -253,9 +241,12 @@ def train_one_epoch(
         scaler.update()
         scheduler.step()
         state.step += 1
-        total += loss.detach()
+        loss = loss.detach()
+        total += loss
         batches += 1
         images += query.shape[0] + reference.shape[0]
+        if callbacks is not None:
+            callbacks.on_step_end(state, loss)
         if batches % check_every == 0 or batches == len(loader):
             mean = total.item() / batches  # one sync every few steps
             _check_finite(mean, state.step, epoch)
@@ -283,6 +274,9 @@ def _check_finite(mean_loss: float, step: int, epoch: int) -> None:
             f"the training loss became {mean_loss} by step {step} (epoch {epoch + 1}); lower "
             "the learning rate, or train in 'bf16'/'fp32' instead of 'fp16'"
         )
+
+
+# -- evaluation --------------------------------------------------------------------------------
 
 
 def _embed(
@@ -326,7 +320,8 @@ def evaluate(
     """Recall@k (and AP) of every task; each rank embeds a share, every rank gets the result.
 
     Returns:
-        ``{task.name: {"R@1", "R@5", "R@10", "R@1%", ["AP"], "queries", "references"}}``.
+        ``{task.name: {"R@1", "R@5", "R@10", "R@1%", ["AP"], ["median_error_m", ...],
+        "queries", "references"}}``.
     """
     context = context or get_context()
     if context.distributed:
@@ -343,9 +338,17 @@ def evaluate(
             r, rl = _embed(model, task.references, task.reference_view, config, context)
             # R@k for k beyond the gallery equals R@(gallery size): every match is in the top k
             ks = {k: min(k, len(r)) for k in RECALL_KS}
+            positions = {}
+            if task.query_positions is not None:
+                positions = {
+                    "query_positions": torch.as_tensor(np.asarray(task.query_positions)),
+                    "reference_positions": torch.as_tensor(np.asarray(task.reference_positions)),
+                    "position_metric": task.position_metric,
+                }
             metrics = evaluate_retrieval(
-                q, r, ql, rl, ks=tuple(sorted(set(ks.values()))), protocol=task.protocol
-            )
+                q, r, ql, rl, ks=tuple(sorted(set(ks.values()))), protocol=task.protocol,
+                distractors=task.distractors, **positions,
+            )  # fmt: skip
             metrics.update({f"R@{k}": metrics[f"R@{clipped}"] for k, clipped in ks.items()})
             results[task.name] = {
                 **{k: float(v) for k, v in metrics.items() if not _beyond(k, len(r))},
@@ -355,6 +358,120 @@ def evaluate(
     finally:
         model.train(was_training)
     return results
+
+
+# -- the run state -----------------------------------------------------------------------------
+
+
+def _schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupSchedule:
+    return WarmupSchedule(
+        config.schedule,
+        config.epochs * steps_per_epoch,
+        round(config.warmup_epochs * steps_per_epoch),
+    )
+
+
+def build_train_state(
+    model: nn.Module,
+    loss: nn.Module,
+    sampler: Any,
+    config: TrainConfig,
+    *,
+    augmentation: Any = None,
+    device: torch.device | str = "cpu",
+) -> TrainState:
+    """A fresh :class:`TrainState`: AdamW over the model's and the loss's parameters, the
+    schedule sized from ``config.epochs x len(sampler)`` steps, a GradScaler for the precision.
+
+    Args:
+        model: the model (not wrapped in DistributedDataParallel).
+        loss: the loss module.
+        sampler: the batch sampler (``len()`` batches per epoch; ``state_dict()``).
+        config: the hyper-parameters.
+        augmentation: the batch augmentation, if any.
+        device: where training runs (for the GradScaler).
+
+    Raises:
+        ValueError: a sampler with no batch per epoch.
+    """
+    steps_per_epoch = len(sampler)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"no full batch of {config.batch_size} distinct locations per epoch; use a smaller "
+            "batch size"
+        )
+    optimizer = build_optimizer([model, loss], config.lr, config.weight_decay)
+    schedule = _schedule(config, steps_per_epoch)
+    scheduler = build_scheduler(
+        optimizer, config.schedule, schedule.total_steps, schedule.warmup_steps
+    )
+    scaler = grad_scaler(device, config.precision)
+    return TrainState(config, model, loss, optimizer, scheduler, scaler, sampler, augmentation)
+
+
+def _reschedule(state: TrainState, steps_per_epoch: int) -> None:
+    """After a resume with another number of epochs: the schedule of the new length, and the
+    learning rate it gives at the current step (the steps taken keep the rates they had)."""
+    schedule = _schedule(state.config, steps_per_epoch)
+    scheduler = state.scheduler
+    scheduler.lr_lambdas = [schedule] * len(scheduler.lr_lambdas)  # type: ignore[attr-defined]
+    for group, base in zip(state.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * schedule(scheduler.last_epoch)
+    logger.info(
+        "the run now has %d epochs: schedule recomputed (%d steps in all, lr %.3g at step %d)",
+        state.config.epochs,
+        schedule.total_steps,
+        state.optimizer.param_groups[0]["lr"],
+        state.step,
+    )
+
+
+def _build_sampler(labels, positions, config: TrainConfig, per_rank: int, neighbours=None):
+    kwargs = {"seed": config.seed, "drop_last": True}
+    if neighbours is not None:  # mined neighbours of a resumed run
+        return NeighbourBatchSampler(
+            labels,
+            np.asarray(neighbours),
+            per_rank,
+            neighbours_per_anchor=config.neighbours_per_anchor,
+            **kwargs,
+        )
+    if config.mining in ("gps", "gps+embedding"):
+        if positions is None:
+            raise ValueError(
+                f"mining={config.mining!r} needs the training set's GPS positions "
+                "(dataset.positions), but it has none; use mining='none' or 'embedding'"
+            )
+        return NeighbourBatchSampler.from_positions(
+            labels,
+            np.asarray(positions),
+            per_rank,
+            metric="euclidean",
+            k=config.mining_neighbours,
+            neighbours_per_anchor=config.neighbours_per_anchor,
+            **kwargs,
+        )
+    return UniqueLabelBatchSampler(labels, per_rank, **kwargs)
+
+
+def _refresh_neighbours(state: TrainState, mining_set, labels, context, per_rank):
+    config = state.config
+    descriptors, _ = _embed(state.model, mining_set, "reference", config, context)
+    k = min(config.mining_neighbours, len(descriptors) - 1)
+    sampler = NeighbourBatchSampler.from_embeddings(
+        labels,
+        descriptors.numpy(),
+        per_rank,
+        k=k,
+        neighbours_per_anchor=config.neighbours_per_anchor,
+        seed=config.seed,
+        drop_last=True,
+    )
+    logger.info("hard negatives: rebuilt batches from %d embedding neighbours", k)
+    return sampler
+
+
+# -- batches -----------------------------------------------------------------------------------
 
 
 class _Batches:
@@ -370,15 +487,16 @@ class _Batches:
         return self.length
 
 
-def _epoch_batches(train_set, sampler, augmentation, config, epoch, context):
+def _epoch_batches(data: TrainData, state: TrainState, epoch: int, context: DistributedContext):
     """The training batches of one epoch: the dataset's own ``batches(sampler, augmentation)``
     (an in-memory set such as :class:`~gsra_salad.data.PreloadedPairs`), else a DataLoader
-    (worker seeds derived from the seed, the epoch and the rank) with ``augmentation`` applied
+    (worker seeds derived from the seed, the epoch and the rank) with the augmentation applied
     to its batches."""
-    if hasattr(train_set, "batches"):
-        return _Batches(train_set.batches(sampler, augmentation), len(sampler))
+    config, sampler, augmentation = state.config, state.sampler, data.augmentation
+    if hasattr(data.pairs, "batches"):
+        return _Batches(data.pairs.batches(sampler, augmentation), len(sampler))
     loader = DataLoader(
-        train_set,
+        data.pairs,
         batch_sampler=sampler,
         num_workers=config.workers,
         pin_memory=context.device.type == "cuda",
@@ -392,185 +510,75 @@ def _epoch_batches(train_set, sampler, augmentation, config, epoch, context):
     return _Batches(augmented, len(sampler))
 
 
-def _augmentation_generator(augmentation) -> torch.Generator | None:
-    generator = getattr(augmentation, "generator", None)
-    return generator if isinstance(generator, torch.Generator) else None
-
-
-def _build_sampler(labels, positions, config: TrainConfig, per_rank: int, saved=None):
-    kwargs = {"seed": config.seed, "drop_last": True}
-    neighbours = None if saved is None else saved.get("neighbours")
-    if neighbours is None and saved is None and config.mining in ("gps", "gps+embedding"):
-        if positions is None:
-            raise ValueError(
-                f"mining={config.mining!r} needs the training set's GPS positions "
-                "(dataset.positions), but it has none; use mining='none' or 'embedding'"
-            )
-        return NeighbourBatchSampler.from_positions(
-            labels,
-            np.asarray(positions),
-            per_rank,
-            metric="euclidean",
-            k=config.mining_neighbours,
-            neighbours_per_anchor=config.neighbours_per_anchor,
-            **kwargs,
-        )
-    if neighbours is not None:
-        return NeighbourBatchSampler(
-            labels,
-            neighbours.numpy(),
-            per_rank,
-            neighbours_per_anchor=config.neighbours_per_anchor,
-            **kwargs,
-        )
-    return UniqueLabelBatchSampler(labels, per_rank, **kwargs)
-
-
-def _sampler_state(sampler) -> dict[str, Any]:
-    neighbours = getattr(sampler, "neighbours", None)
-    return {
-        "epoch": sampler.epoch,
-        "neighbours": None if neighbours is None else torch.from_numpy(np.asarray(neighbours)),
-    }
-
-
-def _gather_objects(value: Any, context: DistributedContext) -> list[Any]:
-    if not context.distributed:
-        return [value]
-    values: list[Any] = [None] * context.world_size
-    torch.distributed.all_gather_object(values, value)
-    return values
-
-
-def _all_rng_states(context: DistributedContext) -> list[dict[str, Any]]:
-    return _gather_objects(get_rng_state(), context)
-
-
-def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
-    os.replace(tmp, path)
+# -- checks before training --------------------------------------------------------------------
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") else module
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
-def fit(
-    model: nn.Module,
-    loss: nn.Module,
-    train_set: Dataset,
-    tasks: Sequence[RetrievalTask],
-    config: TrainConfig,
-    *,
-    context: DistributedContext | None = None,
-    resume: bool = False,
-    mining_set: Dataset | None = None,
-    augmentation: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
-) -> FitResult:
-    """Trains ``model`` with ``loss`` on ``train_set`` and evaluates on ``tasks``.
-
-    Args:
-        model: a :class:`~gsra_salad.CrossViewGeoLocalizer`, or any module with
-            ``forward(query, reference) -> (q, r)`` and ``embed(images, view)`` (checkpoints
-            then hold its state dict); moved to the context's device.
-        loss: maps ``(q (B, D), r (B, D), labels=(B,))`` to a scalar; with several processes
-            build it with ``gather=True`` so that negatives come from every rank.
-        train_set: pair dataset, items ``(query, reference, label)``, with ``labels`` (and
-            ``positions`` for GPS mining).
-        tasks: evaluations; the first task's R@1 decides ``best/``.
-        config: the hyper-parameters.
-        context: from :func:`~gsra_salad.training.init_distributed` (default: current).
-        resume: continue from ``<output-dir>/last/`` exactly where it stopped.
-        mining_set: ``(image, label)`` items aligned with ``train_set`` (usually its
-            references with the evaluation transform) for embedding-neighbour mining.
-        augmentation: applied to every training batch ``(query, reference)``, e.g.
-            :class:`~gsra_salad.data.PairedBatchAugmentation` (its ``generator`` state, if it
-            has one, is checkpointed too). A ``train_set`` with a ``batches(sampler,
-            augmentation)`` method (:class:`~gsra_salad.data.PreloadedPairs`) serves its own
-            batches; any other goes through a DataLoader.
-
-    Returns:
-        :class:`FitResult` with the final metrics of every task.
-    """
-    context = context or get_context()
-    device = context.device
-    _check_fit_arguments(loss, config, context, mining_set)
-    output = Path(config.output_dir) if config.output_dir else None
-    model.to(device)
-    loss.to(device)
-    if config.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    module: nn.Module = ContrastivePair(model, loss)
-    if context.distributed:
-        module = nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    labels = np.asarray(train_set.labels)  # type: ignore[attr-defined]
-    positions = getattr(train_set, "positions", None)
-    per_rank = config.batch_size // context.world_size
-    saved = None
-    if resume:
-        if output is None:
-            raise ValueError("resume=True needs config.output_dir (where last/ was written)")
-        saved = ckpt.load_training_state(output / "last")
-        ckpt.load_model_weights(output / "last", model)
-    sampler = _build_sampler(
-        labels, positions, config, per_rank, None if saved is None else saved["sampler"]
-    )
-    steps_per_epoch = len(sampler)
-    if steps_per_epoch == 0:
+def _model_description(model: nn.Module) -> dict[str, Any] | None:
+    """The model's ``describe()`` (what ``save_pretrained`` writes), checked before training so
+    that a model that cannot be saved fails now, not after an epoch's work."""
+    if not hasattr(model, "describe"):
+        return None
+    try:
+        return model.describe()
+    except ValueError as err:
         raise ValueError(
-            f"no full batch of {config.batch_size} distinct locations in {len(labels)} pairs; "
-            "use a smaller batch size"
+            f"fit: the model cannot be saved as a checkpoint ({err}); checked before training "
+            "so that no epoch is lost. Register the component (see docs/custom-models.md), or "
+            "pass a model without save_pretrained/describe: its state dict is saved instead"
+        ) from err
+
+
+def _check_output_dir(output: Path | None, resume: bool, overwrite: bool) -> None:
+    if output is None:
+        if resume:
+            raise ValueError("resume=True needs config.output_dir (where last/ was written)")
+        return
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output_dir {output} exists and is not a directory; pick another path")
+    found = ckpt.holds_run(output)
+    if found and not resume and not overwrite:
+        raise ValueError(
+            f"output_dir {output} already holds a run ({', '.join(found)}); continue it with "
+            "resume=True (--resume), replace it with overwrite=True (--overwrite), or pick "
+            "another output folder. Nothing was changed"
         )
-    optimizer = build_optimizer(module, config.lr, config.weight_decay)
-    scheduler = build_scheduler(
-        optimizer,
-        config.schedule,
-        config.epochs * steps_per_epoch,
-        round(config.warmup_epochs * steps_per_epoch),
-    )
-    scaler = grad_scaler(device, config.precision)
-    state = TrainState()
-    if saved is not None:
-        state = _restore(saved, optimizer, scheduler, scaler, loss, augmentation, context, output)
-
-    last_metrics: dict[str, dict[str, Any]] = {}
-    evaluated_at = -1
-    for epoch in range(state.next_epoch, config.epochs):
-        sampler.set_epoch(epoch)
-        loader = _epoch_batches(train_set, sampler, augmentation, config, epoch, context)
-        stats = train_one_epoch(
-            module, loader, optimizer, scheduler, scaler, config, state, context, epoch=epoch
-        )
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, **stats}
-        improved = False
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            last_metrics = evaluate(model, tasks, config, context)
-            evaluated_at = epoch
-            record["metrics"] = last_metrics
-            r1 = next(iter(last_metrics.values()))["R@1"] if last_metrics else None
-            if r1 is not None and (state.best_metric is None or r1 > state.best_metric):
-                state.best_metric, state.best_epoch, improved = r1, epoch, True
-            if "embedding" in config.mining and mining_set is not None:
-                sampler = _refresh_neighbours(model, mining_set, labels, config, context, per_rank)
-        state.next_epoch = epoch + 1
-        state.history.append(record)
-        logger.info("%s", _summary(record))
-        _save_epoch(
-            output, model, record, improved, state, config, context,
-            {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "loss": loss},
-            sampler, augmentation,
-        )  # fmt: skip
-        barrier()
-    if evaluated_at != config.epochs - 1 or not last_metrics:
-        last_metrics = evaluate(model, tasks, config, context)
-    return FitResult(last_metrics, state, state.history)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: pick one")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"output_dir {output} is not writable ({err.strerror or err}); pick another path "
+            "or fix its permissions"
+        ) from err
 
 
-def _check_fit_arguments(loss, config: TrainConfig, context, mining_set) -> None:
+def _check_tasks(tasks: Sequence[RetrievalTask]) -> None:
+    """Tasks whose queries have no true reference fail here, not at the first evaluation."""
+    for task in tasks:
+        if not isinstance(task, RetrievalTask):
+            raise TypeError(f"tasks must be RetrievalTask objects, got {type(task).__name__}")
+        q_labels = getattr(task.queries, "labels", None)
+        r_labels = getattr(task.references, "labels", None)
+        if q_labels is None or r_labels is None:
+            continue  # datasets without a labels list are checked at evaluation
+        missing = np.setdiff1d(np.asarray(q_labels), np.asarray(r_labels))
+        if task.protocol == "cvusa" and len(missing):
+            raise ValueError(
+                f"task {task.name!r}: {len(missing)} query label(s) have no reference "
+                f"(e.g. {missing[:5].tolist()}); every query needs its true reference under "
+                "the 'cvusa' protocol: check the evaluation split"
+            )
+
+
+def _check_fit_arguments(model, loss, data: TrainData, config: TrainConfig, context) -> None:
     """What :func:`fit` refuses (or warns about) before it touches the model."""
     if config.batch_size % context.world_size:
         raise ValueError(
@@ -584,87 +592,284 @@ def _check_fit_arguments(loss, config: TrainConfig, context, mining_set) -> None
             context.world_size,
             config.batch_size // context.world_size,
         )
-    if "embedding" in config.mining and mining_set is None:
-        raise ValueError(f"mining={config.mining!r} needs mining_set (the images to embed)")
+    if "embedding" in config.mining and data.mining_set is None:
+        raise ValueError(
+            f"mining={config.mining!r} needs TrainData(mining_set=...) (the images to embed)"
+        )
+    if not hasattr(data.pairs, "labels"):
+        raise ValueError(
+            "the training pairs need a `labels` attribute (one location id per pair), as the "
+            "library's readers have"
+        )
+    if config.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (NotImplementedError, AttributeError) as err:
+            raise ValueError(
+                f"grad_checkpointing=True: this model does not support it ({err}); train "
+                "without it"
+            ) from err
 
 
-def _restore(saved, optimizer, scheduler, scaler, loss, augmentation, context, output):
-    """Loads a ``last/`` training state into the live objects; returns its :class:`TrainState`."""
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    scaler.load_state_dict(saved["scaler"])
-    loss.load_state_dict(saved["loss"])
-    state = TrainState(**saved["state"])
-    rng = saved["rng"]
-    if len(rng) != context.world_size:
+# -- fit ---------------------------------------------------------------------------------------
+
+
+def fit(
+    model: nn.Module,
+    loss: nn.Module,
+    data: TrainData | Dataset,
+    tasks: Sequence[RetrievalTask],
+    config: TrainConfig,
+    *,
+    callbacks: Sequence[Callback] = (),
+    context: DistributedContext | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> FitResult:
+    """Trains ``model`` with ``loss`` on ``data`` and evaluates on ``tasks``.
+
+    A fresh run seeds every global generator with ``config.seed`` (plus the rank) first, so
+    two identical calls on identical models give identical weights on the CPU. Everything that
+    can be checked is checked before the first step: the output folder (a folder that holds a
+    run is refused unless ``resume`` or ``overwrite``), that the model can be saved, the
+    tasks' labels, the options. With ``resume`` the saved settings are compared with
+    ``config`` (see :func:`~gsra_salad.training.resume_changes`); the model's description, the
+    loss and the number of training pairs must be the same too.
+
+    Args:
+        model: a :class:`~gsra_salad.CrossViewGeoLocalizer`, or any module with
+            ``forward(query, reference) -> (q, r)`` and ``embed(images, view)`` (checkpoints
+            then hold its state dict); moved to the context's device.
+        loss: maps ``(q (B, D), r (B, D), labels=(B,))`` to a scalar; with several processes
+            build it with ``gather=True`` so that negatives come from every rank.
+        data: a :class:`TrainData`, or just the pair dataset.
+        tasks: evaluations; ``config.best_metric`` picks the one that decides ``best/``.
+        config: the hyper-parameters.
+        callbacks: :class:`~gsra_salad.training.Callback` objects.
+        context: from :func:`~gsra_salad.training.init_distributed` (default: current).
+        resume: continue from ``<output-dir>/last/`` exactly where it stopped.
+        overwrite: delete the run that ``<output-dir>`` holds and start afresh.
+
+    Returns:
+        :class:`FitResult` with the final metrics of every task and the run state.
+
+    Raises:
+        ValueError: a bad option or input (named), a folder that holds a run, a model that
+            cannot be saved; :class:`~gsra_salad.training.ResumeError` for changed settings;
+            :class:`~gsra_salad.training.CheckpointError` for a corrupt ``last/``.
+    """
+    context = context or get_context()
+    data = data if isinstance(data, TrainData) else TrainData(data)
+    callback = CallbackList(callbacks)
+    output = Path(config.output_dir) if config.output_dir else None
+    _check_fit_arguments(model, loss, data, config, context)
+    _check_output_dir(output, resume, overwrite)
+    _check_tasks(tasks)
+    run_info = {
+        "config": config.as_dict(),
+        "model": _model_description(model),
+        "loss": repr(loss),
+        "pairs": len(data.pairs),  # type: ignore[arg-type]
+    }
+    saved = _load_for_resume(output, run_info, config) if resume else None
+    if saved is None:
+        seed_everything(config.seed + context.rank)
+
+    model.to(context.device)
+    loss.to(context.device)
+    labels = np.asarray(data.pairs.labels)  # type: ignore[attr-defined]
+    per_rank = config.batch_size // context.world_size
+    neighbours = None if saved is None else saved["sampler"].get("neighbours")
+    sampler = _build_sampler(
+        labels, getattr(data.pairs, "positions", None), config, per_rank, neighbours
+    )
+    state = build_train_state(
+        model, loss, sampler, config, augmentation=data.augmentation, device=context.device
+    )
+    barrier()  # every rank has checked the folder before rank 0 changes it
+    if output is not None and context.is_main:
+        if overwrite:
+            ckpt.clear_run(output)
+        ckpt.clean_leftovers(output)
+        _write_json(output / RUN_FILE, run_info)
+    if saved is not None:
+        _restore(state, saved, output, context)
+    module: nn.Module = TrainStep(model, loss)
+    if context.distributed:
+        module = nn.parallel.DistributedDataParallel(
+            module, device_ids=[context.device.index] if context.device.type == "cuda" else None
+        )
+
+    callback.on_fit_start(state)
+    last_metrics: dict[str, dict[str, Any]] = {}
+    evaluated_at = -1
+    for epoch in range(state.next_epoch, config.epochs):
+        state.sampler.set_epoch(epoch)
+        loader = _epoch_batches(data, state, epoch, context)
+        stats = train_one_epoch(module, state, loader, context, callback)
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, **stats}
+        improved = False
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            last_metrics = evaluate(model, tasks, config, context)
+            evaluated_at = epoch
+            record["metrics"] = last_metrics
+            improved = _update_best(state, last_metrics, epoch)
+            callback.on_evaluate_end(state, last_metrics)
+            if "embedding" in config.mining and data.mining_set is not None:
+                state.sampler = _refresh_neighbours(
+                    state, data.mining_set, labels, context, per_rank
+                )
+        state.next_epoch = epoch + 1
+        state.history.append(record)
+        logger.info("%s", _summary(record))
+        _save_epoch(output, state, record, improved, context)
+        callback.on_epoch_end(state, record)
+        barrier()
+    if evaluated_at != config.epochs - 1 or not last_metrics:
+        last_metrics = evaluate(model, tasks, config, context)
+    result = FitResult(last_metrics, state, state.history)
+    callback.on_fit_end(state, result)
+    return result
+
+
+def _load_for_resume(output: Path, run_info: dict[str, Any], config: TrainConfig):
+    """The saved training state, once the new run is known to continue it (else one error)."""
+    last = output / "last"
+    saved = ckpt.load_training_state(last)
+    if saved.get("format", 1) < TrainState.FORMAT:
+        saved = _upgrade_format_1(saved)
+    trained = int(saved["progress"]["next_epoch"])
+    try:
+        old_info = json.loads((output / RUN_FILE).read_text())
+    except FileNotFoundError:
+        old_info = {}  # a run of an older version: only its config is known
+    except (OSError, ValueError) as err:
+        raise ckpt.CheckpointError(
+            f"{output / RUN_FILE} is corrupt ({err}); the run cannot be compared with this one"
+        ) from err
+    changes = []
+    for key, what in (("model", "the model"), ("loss", "the loss"), ("pairs", "training pairs")):
+        if key in old_info and old_info[key] != run_info[key]:
+            old, new = old_info[key], run_info[key]
+            if key == "model":
+                old, new = _first_difference(old, new)
+            changes.append(f"{what} was {old}, now {new}")
+    if changes:
+        raise ResumeError(
+            "cannot resume: " + "; ".join(changes) + " (a resumed run must train the same "
+            "model with the same loss on the same data; start a new run instead)"
+        )
+    saved["reschedule"] = resume_changes(saved["config"], config, trained_epochs=trained)
+    return saved
+
+
+def _first_difference(old: Any, new: Any, path: str = "") -> tuple[str, str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{path}.{key}".strip("."))
+    return f"{path}={old!r}" if path else repr(old), f"{path}={new!r}" if path else repr(new)
+
+
+def _upgrade_format_1(saved: dict[str, Any]) -> dict[str, Any]:
+    """A training state written before the run state had its own state dict."""
+    return {
+        **saved,
+        "format": TrainState.FORMAT,
+        "progress": saved["state"],
+        "augmentation": [
+            None if rng is None else {"generator": rng}
+            for rng in (saved.get("augmentation_rng") or [None])
+        ],
+    }
+
+
+def _restore(state: TrainState, saved, output: Path, context: DistributedContext) -> None:
+    """Loads a ``last/`` checkpoint (weights and training state) into the live run state."""
+    ckpt.load_model_weights(output / "last", state.model)
+    if len(saved["rng"]) != context.world_size:
         logger.warning(
             "resuming on %d processes a run saved on %d: RNG streams are not restored exactly",
             context.world_size,
-            len(rng),
+            len(saved["rng"]),
         )
-    set_rng_state(rng[context.rank % len(rng)])
-    generator = _augmentation_generator(augmentation)
-    if generator is not None and saved.get("augmentation_rng") is not None:
-        generator.set_state(saved["augmentation_rng"][context.rank % len(rng)])
+    state.load_state_dict(saved, rank=context.rank)
+    state.model.to(context.device)
+    if saved["reschedule"]:
+        _reschedule(state, len(state.sampler))
     if context.is_main:  # drop lines of epochs after the checkpoint (a kill in between)
         _write_metrics(output / "metrics.jsonl", state.history)
     logger.info(
         "resumed from %s at epoch %d (step %d)", output / "last", state.next_epoch, state.step
     )
-    return state
 
 
-def _save_epoch(
-    output, model, record, improved, state, config, context, stateful, sampler, augmentation
-) -> None:
+def _metric_value(metrics: dict[str, dict[str, Any]], name: str) -> tuple[float, bool] | None:
+    """``config.best_metric``'s value in an evaluation's metrics, and whether lower is better."""
+    if not metrics:
+        return None
+    task, _, key = name.rpartition("/")
+    if task and task not in metrics:
+        raise ValueError(f"best_metric {name!r}: no task {task!r} (tasks: {sorted(metrics)})")
+    values = metrics[task] if task else next(iter(metrics.values()))
+    if key not in values:
+        raise ValueError(f"best_metric {name!r}: no metric {key!r} (metrics: {sorted(values)})")
+    return float(values[key]), key.startswith(("median_error", "mean_error"))
+
+
+def _update_best(state: TrainState, metrics: dict[str, dict[str, Any]], epoch: int) -> bool:
+    found = _metric_value(metrics, state.config.best_metric)
+    if found is None:
+        return False
+    value, lower_is_better = found
+    best = state.best_metric
+    if best is None or (value < best if lower_is_better else value > best):
+        state.best_metric, state.best_epoch = value, epoch
+        return True
+    return False
+
+
+def _gather_objects(value: Any, context: DistributedContext) -> list[Any]:
+    if not context.distributed:
+        return [value]
+    values: list[Any] = [None] * context.world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+    os.replace(tmp, path)
+
+
+def _save_epoch(output, state: TrainState, record, improved: bool, context) -> None:
     """Appends the epoch to ``metrics.jsonl`` and writes ``last/`` (and ``best/``) on rank 0.
 
-    Every rank must call it: the RNG states of all ranks are gathered to rank 0.
+    Every rank must call it: the per-rank states (RNG, augmentation) are gathered to rank 0.
     """
-    rng_states = _all_rng_states(context)
-    generator = _augmentation_generator(augmentation)
-    augmentation_rng = None
-    if generator is not None:
-        augmentation_rng = _gather_objects(generator.get_state(), context)
+    training_state = state.state_dict(include_model=False)
+    training_state["rng"] = _gather_objects(training_state["rng"], context)
+    training_state["augmentation"] = _gather_objects(training_state["augmentation"], context)
     if output is None or not context.is_main:
         return
-    output.mkdir(parents=True, exist_ok=True)
     with (output / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
-    training_state = {
-        "format": 1,
-        "state": state.as_dict(),
-        "config": asdict(config),
-        **{name: obj.state_dict() for name, obj in stateful.items()},
-        "sampler": _sampler_state(sampler),
-        "rng": rng_states,
-        "augmentation_rng": augmentation_rng,
-    }
-    ckpt.save_checkpoint(output / "last", _unwrap(model), training_state)
+    ckpt.save_checkpoint(output / "last", _unwrap(state.model), training_state)
     if improved:
-        ckpt.save_checkpoint(output / "best", _unwrap(model), copy_from=output / "last")
-
-
-def _refresh_neighbours(model, mining_set, labels, config, context, per_rank):
-    descriptors, _ = _embed(model, mining_set, "reference", config, context)
-    k = min(config.mining_neighbours, len(descriptors) - 1)
-    sampler = NeighbourBatchSampler.from_embeddings(
-        labels,
-        descriptors.numpy(),
-        per_rank,
-        k=k,
-        neighbours_per_anchor=config.neighbours_per_anchor,
-        seed=config.seed,
-        drop_last=True,
-    )
-    logger.info("hard negatives: rebuilt batches from %d embedding neighbours", k)
-    return sampler
+        ckpt.save_checkpoint(output / "best", _unwrap(state.model), copy_from=output / "last")
 
 
 def _summary(record: dict[str, Any]) -> str:
     text = (
         f"epoch {record['epoch']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
-        f"{record['images_per_s']:.3g} images/s"
+        f"{record['images_per_s']:,.0f} images/s"
     )
     for name, metrics in record.get("metrics", {}).items():
         text += f"; {name} R@1 {metrics['R@1']:.2f}"
