@@ -108,9 +108,7 @@ class TrainConfig:
         for name in ("clip_value", "clip_norm"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(
-                    f"{name} must be > 0 (or None to disable clipping), got {value}"
-                )
+                raise ValueError(f"{name} must be > 0 (or None to disable clipping), got {value}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(
                 f"schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}"

@@ -606,8 +606,7 @@ def _check_fit_arguments(model, loss, data: TrainData, config: TrainConfig, cont
             model.set_grad_checkpointing(True)
         except (NotImplementedError, AttributeError) as err:
             raise ValueError(
-                f"grad_checkpointing=True: this model does not support it ({err}); train "
-                "without it"
+                f"grad_checkpointing=True: this model does not support it ({err}); train without it"
             ) from err
 
 
