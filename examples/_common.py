@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention
+from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention, InputConfig
 from gsra_salad.data import PairedBatchAugmentation, synthetic
 from gsra_salad.evaluation import evaluate_retrieval
 from gsra_salad.losses import InfoNCELoss, SoftMarginTripletLoss
@@ -62,14 +62,16 @@ SAMPLE4GEO_PUBLISHED = {
 @dataclass
 class Data:
     """What a recipe's ``load`` returns: the training pairs (``None`` for --eval-only), the
-    images to embed for hard-negative mining, the evaluation tasks, the split's name and the
-    augmentation applied to whole training batches (if any)."""
+    images to embed for hard-negative mining, the evaluation tasks, the split's name, the
+    augmentation applied to whole training batches (if any) and the InputConfig per view the
+    data was built from (the model records it)."""
 
     train: Any
     mining: Any
     tasks: list[RetrievalTask]
     split: str
     augmentation: Any = None
+    input_config: dict[str, InputConfig] | None = None  # what the data was built from (--demo)
 
 
 @dataclass
@@ -202,8 +204,15 @@ def demo_augmentation(seed: int) -> PairedBatchAugmentation:
     )
 
 
-def demo_model(query_size: Size, reference_size: Size, channels: int = 64) -> CrossViewGeoLocalizer:
-    """The --demo model: a small shared trunk, one GSRA per view, a shared SALAD."""
+def demo_model(
+    query_size: Size,
+    reference_size: Size,
+    channels: int = 64,
+    *,
+    input_config: dict[str, InputConfig] | None = None,
+) -> CrossViewGeoLocalizer:
+    """The --demo model: a small shared trunk, one GSRA per view, a shared SALAD; it records
+    ``input_config`` (the recipe's preprocessing per view), so its checkpoints know it."""
     stride = TinyCNN.stride
     q_map = (query_size[0] // stride, query_size[1] // stride)
     r_map = (reference_size[0] // stride, reference_size[1] // stride)
@@ -216,6 +225,7 @@ def demo_model(query_size: Size, reference_size: Size, channels: int = 64) -> Cr
         GlobalSpatialRelationAttention(channels, q_map, groups=8),
         SALAD(channels, num_clusters=clusters, cluster_dim=16, token_dim=0, dropout=0.0),
         reference_attention=reference_attention,
+        input_config=input_config,
     )
 
 
@@ -316,7 +326,7 @@ def run(args: argparse.Namespace, recipe: Recipe) -> list[dict[str, Any]]:
                     raise UsageError("--eval-only needs --checkpoint PATH")
                 model = load_checkpoint(args.checkpoint, query_size, reference_size)
             elif args.demo:
-                model = demo_model(query_size, reference_size)
+                model = demo_model(query_size, reference_size, input_config=data.input_config)
             else:
                 model = paper_model(args, query_size, reference_size)
             seed_everything(args.seed + context.rank)

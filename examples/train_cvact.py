@@ -13,7 +13,6 @@ until the first evaluation, then of embedding neighbours. See docs/training.md.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -21,10 +20,10 @@ from _common import SAMPLE4GEO_PUBLISHED, SAMPLE4GEO_SOURCE, Data, Recipe, demo_
 
 from gsra_salad.data import (
     CVACT,
+    InputConfig,
     PairedAugmentation,
     PreloadedPairs,
     eval_transform,
-    polar_transform,
     synthetic,
     train_transform,
 )
@@ -70,28 +69,37 @@ def load(args, root, query_size, reference_size, train):
     return Data(pairs, PairView(plain, 1), tasks, args.split)
 
 
+def demo_input(query_size, reference_size):
+    """The demo's preprocessing: panoramas resized; satellite tiles turned into panoramas by
+    the polar transform (as SAFA does), so both views are panoramas of one size (one GSRA
+    serves both). The demo model records it."""
+    return {
+        "query": InputConfig(query_size),
+        "reference": InputConfig(reference_size, view_transform="polar"),
+    }
+
+
 def _load_in_memory(args, root, query_size, reference_size, train):
-    """The demo's data: decoded once into memory; the satellite tiles turned into panoramas
-    by the polar transform at loading (as SAFA does), so both views are panoramas of one size
-    (one GSRA serves both); whole batches flipped, rolled and colour-changed together."""
+    """The demo's data: decoded once into memory and brought to :func:`demo_input`'s sizes;
+    whole batches flipped, rolled and colour-changed together."""
     threads = min(8, os.cpu_count() or 1)
+    inputs = demo_input(query_size, reference_size)
 
     def load_split(split):
         return PreloadedPairs(
             CVACT(root, split),
-            query_size,
-            None,
-            reference_transform=functools.partial(polar_transform, size=reference_size),
+            query_input=inputs["query"],
+            reference_input=inputs["reference"],
             workers=threads,
         )
 
     evaluation = load_split(args.split)
     tasks = [RetrievalTask(args.split, evaluation.query_set(), evaluation.reference_set())]
     if not train:
-        return Data(None, None, tasks, args.split)
+        return Data(None, None, tasks, args.split, input_config=inputs)
     pairs = load_split("train")
     augmentation = demo_augmentation(args.seed)
-    return Data(pairs, pairs.reference_set(), tasks, args.split, augmentation)
+    return Data(pairs, pairs.reference_set(), tasks, args.split, augmentation, inputs)
 
 
 RECIPE = Recipe(

@@ -13,7 +13,6 @@ hard negatives from embedding neighbours after each evaluation. See docs/trainin
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -21,10 +20,10 @@ from _common import SAMPLE4GEO_PUBLISHED, SAMPLE4GEO_SOURCE, Data, Recipe, demo_
 
 from gsra_salad.data import (
     CVUSA,
+    InputConfig,
     PairedAugmentation,
     PreloadedPairs,
     eval_transform,
-    polar_transform,
     synthetic,
     train_transform,
 )
@@ -58,28 +57,37 @@ def load(args, root, query_size, reference_size, train):
     return Data(pairs, PairView(plain, 1), tasks, "val")
 
 
+def demo_input(query_size, reference_size):
+    """The demo's preprocessing: panoramas resized; satellite tiles turned into panoramas by
+    the polar transform (as SAFA does), so both views are panoramas of one size (one GSRA
+    serves both). The demo model records it."""
+    return {
+        "query": InputConfig(query_size),
+        "reference": InputConfig(reference_size, view_transform="polar"),
+    }
+
+
 def _load_in_memory(args, root, query_size, reference_size, train):
-    """The demo's data: decoded once into memory; the satellite tiles turned into panoramas
-    by the polar transform at loading (as SAFA does), so both views are panoramas of one size
-    (one GSRA serves both); whole batches flipped, rolled and colour-changed together."""
+    """The demo's data: decoded once into memory and brought to :func:`demo_input`'s sizes;
+    whole batches flipped, rolled and colour-changed together."""
     threads = min(8, os.cpu_count() or 1)
+    inputs = demo_input(query_size, reference_size)
 
     def load_split(split):
         return PreloadedPairs(
             CVUSA(root, split),
-            query_size,
-            None,
-            reference_transform=functools.partial(polar_transform, size=reference_size),
+            query_input=inputs["query"],
+            reference_input=inputs["reference"],
             workers=threads,
         )
 
     evaluation = load_split("val")
     tasks = [RetrievalTask("val", evaluation.query_set(), evaluation.reference_set())]
     if not train:
-        return Data(None, None, tasks, "val")
+        return Data(None, None, tasks, "val", input_config=inputs)
     pairs = load_split("train")
     augmentation = demo_augmentation(args.seed)
-    return Data(pairs, pairs.reference_set(), tasks, "val", augmentation)
+    return Data(pairs, pairs.reference_set(), tasks, "val", augmentation, inputs)
 
 
 RECIPE = Recipe(

@@ -24,12 +24,12 @@ import sys
 from _common import Data, Recipe, demo_augmentation, main
 
 from gsra_salad.data import (
+    InputConfig,
     PairedAugmentation,
     PreloadedImages,
     PreloadedPairs,
     University1652,
     eval_transform,
-    polar_transform,
     synthetic,
     train_transform,
 )
@@ -88,47 +88,40 @@ def _tasks(split, query_size, reference_size):
     ]
 
 
-def tile_to_panorama(images, size, crop=0.7):
-    """Satellite tiles (N, 3, S, S) -> panoramas (N, 3, *size): the centre ``crop`` of the
-    side (what a drone view covers, 55-85 % of the tile in the synthetic data) polar-transformed
-    about the tile's centre."""
-    side = images.shape[-1]
-    kept = round(side * crop)
-    top = (side - kept) // 2
-    return polar_transform(images[..., top : top + kept, top : top + kept], size)
+def demo_input(query_size, reference_size):
+    """The demo's preprocessing: both views polar-transformed about the image centre, drone
+    views whole, satellite tiles after a centre crop to 0.7 of their side (what a drone view
+    covers, 55-85 % of the tile in the synthetic data), so both views are panoramas of one size
+    (one GSRA serves both) and a drone's turn is a horizontal roll. The demo model records it."""
+    return {
+        "query": InputConfig(query_size, view_transform="polar"),
+        "reference": InputConfig(reference_size, view_transform="polar", polar_crop=0.7),
+    }
 
 
 def _load_in_memory(args, root, query_size, reference_size, train):
-    """The demo's data: decoded once into memory and polar-transformed about the image centre,
-    drone views whole, satellite tiles after a centre crop to 0.7 of their side, so both views
-    are panoramas of one size (one GSRA serves both) and a drone's turn is a horizontal roll;
-    whole batches flipped, rolled and colour-changed together."""
+    """The demo's data: decoded once into memory and brought to :func:`demo_input`'s
+    panoramas; whole batches flipped, rolled and colour-changed together."""
     threads = min(8, os.cpu_count() or 1)
-    views = {
-        "query_drone": lambda x: polar_transform(x, query_size),
-        "gallery_drone": lambda x: polar_transform(x, query_size),
-        "query_satellite": lambda x: tile_to_panorama(x, reference_size),
-        "gallery_satellite": lambda x: tile_to_panorama(x, reference_size),
-    }
+    inputs = demo_input(query_size, reference_size)
 
     def split(view, size):
+        config = inputs["query" if view.endswith("drone") else "reference"]
         return PreloadedImages(
-            University1652(root, "test", view=view), None, transform=views[view], workers=threads
+            University1652(root, "test", view=view), input_config=config, workers=threads
         )
 
     tasks = _tasks(split, query_size, reference_size)
     if not train:
-        return Data(None, None, tasks, "test")
+        return Data(None, None, tasks, "test", input_config=inputs)
     pairs = PreloadedPairs(
         University1652(root, "train", query_view="drone"),
-        None,
-        None,
-        query_transform=views["query_drone"],
-        reference_transform=views["gallery_satellite"],
+        query_input=inputs["query"],
+        reference_input=inputs["reference"],
         workers=threads,
     )
     augmentation = demo_augmentation(args.seed)
-    return Data(pairs, None, tasks, "test", augmentation)
+    return Data(pairs, None, tasks, "test", augmentation, inputs)
 
 
 RECIPE = Recipe(

@@ -3,9 +3,11 @@
 Public surface::
 
     from gsra_salad import (log_sinkhorn, dustbin_sinkhorn,
-                            GlobalSpatialRelationAttention, SALAD, CrossViewGeoLocalizer)
+                            GlobalSpatialRelationAttention, SALAD, CrossViewGeoLocalizer,
+                            InputConfig)
 """
 
+from ._input import InputConfig
 from ._version import __version__
 from .layers import SALAD, GlobalSpatialRelationAttention
 from .models import CrossViewGeoLocalizer
@@ -15,6 +17,7 @@ __all__ = [
     "SALAD",
     "CrossViewGeoLocalizer",
     "GlobalSpatialRelationAttention",
+    "InputConfig",
     "__version__",
     "dustbin_sinkhorn",
     "log_sinkhorn",

@@ -87,6 +87,13 @@ def test_demo_runs_end_to_end(tmp_path, script, dataset, extra):
     assert [r["epoch"] for r in records] == [1, 2]
     assert (out / "last" / "training_state.pt").is_file()
     assert (out / "best" / "config.json").is_file()
+    # the checkpoint knows its inputs: the demo's reference tiles are polar-transformed
+    from gsra_salad import CrossViewGeoLocalizer, InputConfig
+
+    recorded = CrossViewGeoLocalizer.from_pretrained(out / "best").input_config
+    crop = 0.7 if dataset == "university1652" else 1.0
+    assert recorded["reference"] == InputConfig((32, 128), view_transform="polar", polar_crop=crop)
+    assert recorded["query"].image_size == (32, 128)
 
 
 def test_kill_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):

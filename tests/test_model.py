@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention
+from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention, InputConfig
 from gsra_salad.models import (
     TinyCNN,
     build_component,
@@ -438,6 +438,123 @@ def test_configs_written_before_the_registry_still_load(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# the recorded input preprocessing (InputConfig)
+# ---------------------------------------------------------------------------------------------
+
+DEMO_INPUT = {
+    "query": InputConfig((32, 128)),
+    "reference": InputConfig((64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+}
+POLAR_INPUT = {
+    "query": InputConfig((32, 128)),
+    "reference": InputConfig((32, 128), view_transform="polar", polar_crop=0.7),
+}
+
+
+@pytest.mark.parametrize("share_weights", [True, False])
+def test_input_config_round_trips_through_save_pretrained(tmp_path, share_weights):
+    model = _two_size_model(share_weights=share_weights)
+    model.input_config = DEMO_INPUT
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["model"]["input"]
+    assert saved["reference"] == {
+        "image_size": [64, 64],
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "view_transform": "none",
+        "polar_crop": 1.0,
+    }
+    assert CrossViewGeoLocalizer.from_pretrained(tmp_path).input_config == DEMO_INPUT
+    model.input_config = POLAR_INPUT
+    model.save_pretrained(tmp_path)
+    assert CrossViewGeoLocalizer.from_pretrained(tmp_path).input_config == POLAR_INPUT
+
+
+def test_config_written_before_the_input_was_recorded_loads_without_it(tmp_path):
+    model = _randomise(_tiny_model()).eval()
+    model.input_config = InputConfig(64)
+    model.save_pretrained(tmp_path)
+    _rewrite_config(tmp_path, lambda c: c.pop("input"))  # the config.json of 0.1.0.dev0
+    loaded = CrossViewGeoLocalizer.from_pretrained(tmp_path)
+    assert loaded.input_config is None
+    assert "input_config=None (unknown preprocessing)" in repr(loaded)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    _rewrite_config(tmp_path, lambda c: c.update(input={"query": {"image_size": [64, 64]}}))
+    with pytest.raises(ValueError, match=r"config\.json: the 'input' entry must give exactly"):
+        CrossViewGeoLocalizer.from_pretrained(tmp_path)
+
+
+def test_input_config_constructor_assignment_and_errors():
+    model = _tiny_model()
+    assert model.input_config is None
+    model.input_config = InputConfig(64)  # one config: both views
+    assert model.input_config == dict.fromkeys(("query", "reference"), InputConfig(64))
+    model.input_config = {"query": {"image_size": [64, 64]}, "reference": InputConfig(64)}
+    assert model.input_config["query"] == InputConfig(64)
+    model.input_config["query"] = None  # a copy: the model's record is not changed
+    assert model.input_config["query"] == InputConfig(64)
+    with pytest.raises(ValueError, match=r"exactly the views \['query', 'reference'\]"):
+        model.input_config = {"query": InputConfig(64)}
+    with pytest.raises(TypeError, match="must be None, an InputConfig"):
+        model.input_config = (64, 64)
+    with pytest.raises(TypeError, match=r"input_config\['reference'\] must be an InputConfig"):
+        model.input_config = {"query": InputConfig(64), "reference": 64}
+    built = CrossViewGeoLocalizer(
+        TinyCNN(32),
+        None,
+        SALAD(32, num_clusters=8, cluster_dim=4, token_dim=0),
+        input_config=POLAR_INPUT,
+    )
+    assert built.input_config == POLAR_INPUT
+    assert copy.deepcopy(built).input_config == POLAR_INPUT
+
+
+def test_repr_shows_the_input_of_each_view():
+    model = _two_size_model()
+    model.input_config = {**DEMO_INPUT, "query": POLAR_INPUT["reference"]}
+    first = repr(model).splitlines()[1]
+    assert first.strip() == (
+        "share_weights=True, input_config={query: 32x128 polar(crop=0.7), "
+        "reference: 64x64 resize mean=(0.5, 0.5, 0.5) std=(0.25, 0.25, 0.25)}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"image_size": (0, 64)}, r"image_size must be \(H, W\), two positive ints"),
+        ({"image_size": (32.0, 64)}, "two positive ints"),
+        ({"image_size": 64, "mean": (0.5, 0.5)}, "mean must be 3 finite numbers"),
+        ({"image_size": 64, "std": (0.2, 0.0, 0.2)}, r"std must be > 0"),
+        ({"image_size": 64, "view_transform": "fisheye"}, "view_transform must be 'none' or"),
+        ({"image_size": 64, "view_transform": "polar", "polar_crop": 0.0}, r"in \(0, 1\]"),
+        ({"image_size": 64, "view_transform": "polar", "polar_crop": 1.5}, r"in \(0, 1\]"),
+        ({"image_size": 64, "polar_crop": 0.7}, "only applies to view_transform='polar'"),
+    ],
+)
+def test_input_config_rejects_bad_fields(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        InputConfig(**kwargs)
+
+
+def test_input_config_dict_round_trip_and_errors():
+    config = InputConfig([32, 128], mean=[0, 0, 0], std=[1, 1, 1], view_transform="polar")
+    assert config.image_size == (32, 128) and config.mean == (0.0, 0.0, 0.0)
+    assert InputConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert hash(config) == hash(InputConfig.from_dict(config.to_dict()))  # frozen, hashable
+    with pytest.raises(ValueError, match=r"unknown keys \['size'\]; known keys: \['image_size'"):
+        InputConfig.from_dict({"image_size": [8, 8], "size": 8})
+    with pytest.raises(ValueError, match="required key 'image_size' is missing"):
+        InputConfig.from_dict({"mean": [0, 0, 0]})
+    with pytest.raises(ValueError, match="expected a mapping"):
+        InputConfig.from_dict([8, 8])
+    with pytest.raises(AttributeError):
+        config.image_size = (8, 8)  # frozen
 
 
 def test_state_dict_without_num_batches_tracked_loads_as_in_torch(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention
+from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention, InputConfig
 from gsra_salad.models import ConvNeXtTrunk
 from tests._helpers import SavedBytes
 
@@ -98,6 +98,22 @@ def test_lrfr_save_and_load_pretrained(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert loaded.descriptor_dim == 16 * 8
+    assert loaded.input_config == model.input_config
+
+
+def test_lrfr_records_the_published_preprocessing():
+    """lrfr() and from_lrfr_checkpoint record each view's size, ImageNet's mean and std, no
+    view transform (LRFR resizes both views and normalises with ImageNet's statistics)."""
+    model = CrossViewGeoLocalizer.lrfr(img_size=384, query_img_size=(140, 768))
+    assert model.input_config == {
+        "query": InputConfig((140, 768)),
+        "reference": InputConfig((384, 384)),
+    }
+    assert model.input_config["query"].mean == (0.485, 0.456, 0.406)
+    assert model.input_config["reference"].view_transform == "none"
+    state, _ = _published_lrfr_state(img_size=256)
+    loaded = CrossViewGeoLocalizer.from_lrfr_checkpoint(state, img_size=256)
+    assert loaded.input_config == dict.fromkeys(("query", "reference"), InputConfig(256))
 
 
 def _n_params(module):

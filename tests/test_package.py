@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import gsra_salad
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +20,7 @@ PUBLIC = [
     "GlobalSpatialRelationAttention",
     "SALAD",
     "CrossViewGeoLocalizer",
+    "InputConfig",
 ]
 
 
@@ -58,7 +61,7 @@ def test_layers_import_only_ops():
 
 
 def test_models_import_only_layers_and_ops():
-    allowed = ("layers", "ops", "_version", "_optional")
+    allowed = ("layers", "ops", "_version", "_optional", "_input")
     for path in (PACKAGE / "models").glob("*.py"):
         for level, module in _imports(path):
             if level == 2:
@@ -67,16 +70,18 @@ def test_models_import_only_layers_and_ops():
 
 
 def test_data_imports_no_model_code():
-    # data/ may import exactly one module from outside itself: the optional-import helper
+    # data/ may import two modules from outside itself: the optional-import helper and the
+    # InputConfig it builds transforms from (both import nothing of the package)
     for path in (PACKAGE / "data").glob("*.py"):
         for level, module in _imports(path):
-            if (level, module) == (2, "_optional"):
+            if (level, module) in ((2, "_optional"), (2, "_input")):
                 continue
             assert level <= 1 and not module.startswith("gsra_salad"), (path.name, module)
 
 
-def test_the_optional_import_helper_imports_nothing_of_the_package():
-    for level, module in _imports(PACKAGE / "_optional.py"):
+@pytest.mark.parametrize("name", ["_optional.py", "_input.py"])
+def test_the_bottom_private_modules_import_nothing_of_the_package(name):
+    for level, module in _imports(PACKAGE / name):
         assert level == 0 and not module.startswith("gsra_salad"), module
 
 

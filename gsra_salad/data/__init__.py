@@ -2,9 +2,11 @@
 
 Readers take the dataset's ``root`` and read the real on-disk layouts; decoding needs Pillow
 and CVACT's ``.mat`` needs SciPy (``pip install 'gsra-salad[data]'``); transforms need
-torchvision.
+torchvision. :func:`create_transform` builds a view's transform from the
+:class:`~gsra_salad.InputConfig` a model records.
 """
 
+from .._input import InputConfig
 from . import synthetic
 from .cvact import CVACT
 from .cvusa import CVUSA
@@ -15,7 +17,9 @@ from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PairedAugmentation,
+    create_transform,
     eval_transform,
+    resolve_input_config,
     train_transform,
 )
 from .university1652 import University1652
@@ -25,6 +29,7 @@ __all__ = [
     "CVUSA",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "InputConfig",
     "NeighbourBatchSampler",
     "PairedAugmentation",
     "PairedBatchAugmentation",
@@ -32,10 +37,12 @@ __all__ = [
     "PreloadedPairs",
     "UniqueLabelBatchSampler",
     "University1652",
+    "create_transform",
     "eval_transform",
     "haversine_m",
     "nearest_neighbours",
     "polar_transform",
+    "resolve_input_config",
     "rotate_pair",
     "synthetic",
     "train_transform",

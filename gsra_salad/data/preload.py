@@ -47,9 +47,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .._input import InputConfig
 from ._base import load_rgb, require
 from .geometry import rotate_pair
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, pixel_steps
 
 __all__ = [
     "PairedBatchAugmentation",
@@ -199,6 +200,39 @@ def normalize(
     return functional.normalize(x, list(mean), list(std))
 
 
+def _with_input(
+    config: InputConfig | None,
+    size: Size,
+    transform: BatchTransform | None,
+    names: tuple[str, str, str],
+) -> tuple[list[int] | None, BatchTransform | None]:
+    """The resize size and uint8 batch transform of a view: from ``config`` when given (then
+    ``size`` and ``transform`` must not be), else from ``size`` and ``transform``. ``names``:
+    the three arguments' names, for the errors."""
+    if config is None:
+        return _size(size), transform
+    if not isinstance(config, InputConfig):
+        raise TypeError(
+            f"{names[0]} must be an InputConfig (e.g. resolve_input_config(model, view)), got "
+            f"{type(config).__name__}"
+        )
+    if size is not None or transform is not None:
+        raise ValueError(
+            f"give either {names[0]} (an InputConfig: it sets the size and the view transform) "
+            f"or {names[1]} / {names[2]}, not both"
+        )
+    return pixel_steps(config)
+
+
+def _names(view: str) -> tuple[str, str, str]:
+    return f"{view}_input", f"{view}_size", f"{view}_transform"
+
+
+def _stats(config: InputConfig | None) -> tuple[Sequence[float], Sequence[float]]:
+    """The normalisation's mean and std: the config's, or ImageNet's."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if config is None else (config.mean, config.std)
+
+
 def _paths(dataset: Any, *names: str) -> list[list[Path]] | None:
     """The path lists of a reader (or of the reader it wraps), or None."""
     for candidate in (dataset, getattr(dataset, "_data", None)):
@@ -219,12 +253,17 @@ class PreloadedImages(Dataset):
         transform: applied once, after resizing, to the uint8 images as batches (N, 3, H, W),
             returning uint8 batches, e.g. ``lambda x: polar_transform(x, (64, 256))``.
         workers: decoding threads.
-        normalize_items: items are ImageNet-normalised float32 images (``True``, ready for a
-            model) or the stored uint8 images.
+        normalize_items: items are normalised float32 images (``True``, ready for a model) or
+            the stored uint8 images.
+        input_config: the :class:`~gsra_salad.InputConfig` of the view these images are
+            embedded by (e.g. ``resolve_input_config(model, "reference")``): resizes or
+            polar-transforms as it says and normalises with its mean and std; then leave
+            ``size`` and ``transform`` out. Without it, ImageNet's mean and std.
 
     Attributes:
         images: (N, 3, H, W) uint8.
         labels: (N,) int64 tensor.
+        input_config: the ``InputConfig`` given (or ``None``).
 
     Example:
         >>> images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
@@ -242,8 +281,12 @@ class PreloadedImages(Dataset):
         transform: BatchTransform | None = None,
         workers: int = 0,
         normalize_items: bool = True,
+        input_config: InputConfig | None = None,
     ) -> None:
-        pair = _size(size)
+        pair, transform = _with_input(
+            input_config, size, transform, ("input_config", "size", "transform")
+        )
+        self.input_config = input_config
         if isinstance(source, Tensor):
             if labels is None:
                 raise ValueError("PreloadedImages: give labels= with a tensor of images")
@@ -276,7 +319,9 @@ class PreloadedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image = self.images[index]
-        return (normalize(image) if self.normalize_items else image), int(self.labels[index])
+        if self.normalize_items:
+            image = normalize(image, *_stats(self.input_config))
+        return image, int(self.labels[index])
 
     def batches(self, batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor]]:
         """Normalised batches in order: (images (B, 3, H, W) float32, labels (B,))."""
@@ -284,7 +329,16 @@ class PreloadedImages(Dataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         for start in range(0, len(self), batch_size):
             chunk = slice(start, start + batch_size)
-            yield normalize(self.images[chunk]), self.labels[chunk]
+            yield normalize(self.images[chunk], *_stats(self.input_config)), self.labels[chunk]
+
+    @classmethod
+    def _of(
+        cls, images: Tensor, labels: Tensor, config: InputConfig | None, normalize_items: bool
+    ) -> PreloadedImages:
+        """Images already brought to ``config``'s pixels (no copy), normalised by its stats."""
+        out = cls(images, labels=labels, normalize_items=normalize_items)
+        out.input_config = config
+        return out
 
 
 class PreloadedPairs(Dataset):
@@ -302,6 +356,12 @@ class PreloadedPairs(Dataset):
             tiles into panoramas (SAFA-style), to train with
             ``PairedBatchAugmentation("polar")``.
         workers: decoding threads (0: in the calling thread).
+        query_input, reference_input: the :class:`~gsra_salad.InputConfig` of each view
+            (e.g. ``resolve_input_config(model, "query")``), instead of the size and transform
+            arguments: the view is resized, or centre-cropped and polar-transformed, as the
+            config says (the same pixels as ``create_transform(config, normalize=False)``),
+            and :meth:`batches` normalises it with the config's mean and std (ImageNet's
+            without a config).
 
     Attributes:
         query: (N, 3, Hq, Wq) uint8.
@@ -309,6 +369,7 @@ class PreloadedPairs(Dataset):
             University-1652 satellite tile and its drone views) is decoded once.
         labels: (N,) int64 location ids.
         positions: the source's ``positions`` (or None), for ``NeighbourBatchSampler``.
+        query_input, reference_input: the ``InputConfig`` given for each view (or ``None``).
 
     Items are ``(query, reference, label)`` with uint8 images, so the object also works with a
     ``DataLoader`` and any sampler; :meth:`batches` is the fast way.
@@ -323,8 +384,16 @@ class PreloadedPairs(Dataset):
         query_transform: BatchTransform | None = None,
         reference_transform: BatchTransform | None = None,
         workers: int = 0,
+        query_input: InputConfig | None = None,
+        reference_input: InputConfig | None = None,
     ) -> None:
-        qsize, rsize = _size(query_size), _size(reference_size)
+        qsize, query_transform = _with_input(
+            query_input, query_size, query_transform, _names("query")
+        )
+        rsize, reference_transform = _with_input(
+            reference_input, reference_size, reference_transform, _names("reference")
+        )
+        self.query_input, self.reference_input = query_input, reference_input
         labels = np.asarray(source.labels)  # type: ignore[attr-defined]
         found = _paths(source, "query_paths", "reference_paths")
         if found is not None:
@@ -375,8 +444,9 @@ class PreloadedPairs(Dataset):
                 ``set_epoch`` before each epoch as usual).
             augmentation: applied to each (query, reference) batch, e.g.
                 :class:`PairedBatchAugmentation`.
-            normalized: ImageNet-normalise the batches (float32); otherwise the (augmented)
-                uint8 images.
+            normalized: normalise the batches (float32; with each view's ``InputConfig``
+                mean and std, ImageNet's without), after the augmentation; otherwise the
+                (augmented) uint8 images.
 
         Yields:
             (query (B, 3, Hq, Wq), reference (B, 3, Hr, Wr), labels (B,)).
@@ -386,16 +456,21 @@ class PreloadedPairs(Dataset):
             if augmentation is not None:
                 query, reference = augmentation(query, reference)
             if normalized:
-                query, reference = normalize(query), normalize(reference)
+                query = normalize(query, *_stats(self.query_input))
+                reference = normalize(reference, *_stats(self.reference_input))
             yield query, reference, labels
 
     def query_set(self, *, normalize_items: bool = True) -> PreloadedImages:
-        """The query images as an evaluation set (shares memory; no copy)."""
-        return PreloadedImages(self.query, labels=self.labels, normalize_items=normalize_items)
+        """The query images as an evaluation set (shares memory; no copy; normalised with
+        ``query_input``'s statistics)."""
+        return PreloadedImages._of(self.query, self.labels, self.query_input, normalize_items)
 
     def reference_set(self, *, normalize_items: bool = True) -> PreloadedImages:
-        """The reference images as an evaluation set (shares memory; no copy)."""
-        return PreloadedImages(self.reference, labels=self.labels, normalize_items=normalize_items)
+        """The reference images as an evaluation set (shares memory; no copy; normalised with
+        ``reference_input``'s statistics)."""
+        return PreloadedImages._of(
+            self.reference, self.labels, self.reference_input, normalize_items
+        )
 
 
 class PairedBatchAugmentation:

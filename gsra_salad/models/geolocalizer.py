@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._input import _IMAGENET_MEAN, _IMAGENET_STD, VIEWS, InputConfig, input_configs
 from ..layers import SALAD, GlobalSpatialRelationAttention
 from . import _serialization
 from ._registry import build_component, component_config
@@ -58,6 +60,10 @@ class CrossViewGeoLocalizer(nn.Module):
         reference_attention: the reference view's attention when its feature maps differ in
             size from the query view's (``None``: the reference view uses ``attention``). With
             ``share_weights=False`` it becomes the attention of the reference stack.
+        input_config: the preprocessing each view expects (:class:`~gsra_salad.InputConfig`):
+            a mapping ``{"query": ..., "reference": ...}``, one config for both views, or
+            ``None`` (unknown). Kept in :attr:`input_config`, saved by
+            :meth:`save_pretrained`, read by :func:`gsra_salad.data.create_transform`.
 
     Shape:
         - Input: query (B, 3, H, W); reference (B', 3, H', W') (its own size is allowed)
@@ -71,10 +77,13 @@ class CrossViewGeoLocalizer(nn.Module):
         ...     GlobalSpatialRelationAttention(32, (2, 8), groups=8),  # query: 32 x 128 panoramas
         ...     SALAD(32, num_clusters=8, cluster_dim=4, token_dim=0),
         ...     reference_attention=GlobalSpatialRelationAttention(32, (4, 4), groups=8),  # 64 x 64
+        ...     input_config={"query": InputConfig((32, 128)), "reference": InputConfig(64)},
         ... )
         >>> q, r = model(torch.randn(2, 3, 32, 128), torch.randn(2, 3, 64, 64))
         >>> q.shape, r.shape, model.descriptor_dim
         (torch.Size([2, 32]), torch.Size([2, 32]), 32)
+        >>> model.input_config["reference"].image_size
+        (64, 64)
     """
 
     def __init__(
@@ -85,8 +94,10 @@ class CrossViewGeoLocalizer(nn.Module):
         *,
         share_weights: bool = True,
         reference_attention: nn.Module | None = None,
+        input_config: Mapping[str, InputConfig] | InputConfig | None = None,
     ) -> None:
         super().__init__()
+        self.input_config = input_config  # validated by the property's setter
         for name, module in (("backbone", backbone), ("aggregation", aggregation)):
             if not isinstance(module, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
@@ -114,6 +125,38 @@ class CrossViewGeoLocalizer(nn.Module):
                     "aggregation": copy.deepcopy(aggregation),
                 }
             )
+
+    # -- input preprocessing -------------------------------------------------------------------
+
+    @property
+    def input_config(self) -> dict[str, InputConfig] | None:
+        """The preprocessing each view expects: ``{"query": InputConfig, "reference":
+        InputConfig}``, or ``None`` when unknown (a model built without it, or loaded from a
+        ``config.json`` written before gsra_salad recorded it).
+
+        Set it by assignment, validated: a mapping of both views (:class:`InputConfig` or its
+        ``to_dict()``), one :class:`InputConfig` for both views, or ``None``, e.g.
+        ``model.input_config = {"query": InputConfig((140, 768)), "reference":
+        InputConfig(384)}``. :func:`gsra_salad.data.create_transform` and
+        :func:`gsra_salad.data.resolve_input_config` read it.
+
+        Raises:
+            TypeError, ValueError: (on assignment) anything else, naming what was expected.
+        """
+        return None if self._input_config is None else dict(self._input_config)
+
+    @input_config.setter
+    def input_config(self, value: Mapping[str, Any] | InputConfig | None) -> None:
+        self._input_config = input_configs(value, "CrossViewGeoLocalizer.input_config")
+
+    def extra_repr(self) -> str:
+        """``share_weights`` and the recorded input preprocessing of each view."""
+        config = self._input_config
+        if config is None:
+            text = "input_config=None (unknown preprocessing)"
+        else:
+            text = "input_config={" + ", ".join(_short(v, config[v]) for v in VIEWS) + "}"
+        return f"share_weights={self.share_weights}, {text}"
 
     # -- construction --------------------------------------------------------------------------
 
@@ -144,7 +187,8 @@ class CrossViewGeoLocalizer(nn.Module):
 
         Returns:
             The model, in training mode, with random weights (but for the trunk's, if
-            ``pretrained_backbone`` says so).
+            ``pretrained_backbone`` says so); its :attr:`input_config` records the two sizes
+            with ImageNet's mean and std and no view transform (LRFR's preprocessing).
 
         Raises:
             ValueError: an image size too small for SALAD's clusters or giving an odd number of
@@ -177,6 +221,10 @@ class CrossViewGeoLocalizer(nn.Module):
             reference_attention=(
                 _lrfr_gsra(channels, reference_hw, options) if reference_hw != query_hw else None
             ),
+            input_config={
+                "query": InputConfig(query_img_size if query_img_size is not None else img_size),
+                "reference": InputConfig(img_size),
+            },
         )
 
     @classmethod
@@ -261,8 +309,10 @@ class CrossViewGeoLocalizer(nn.Module):
         """The JSON-serialisable config :meth:`from_pretrained` rebuilds the model from.
 
         ``{"architecture": "modules", "backbone": ..., "attention": ..., "aggregation": ...,
-        "reference_attention": ..., "share_weights": ...}``, each component as
-        ``{"type": <registered name>, **module.get_config()}`` (``None`` for no attention).
+        "reference_attention": ..., "share_weights": ..., "input": ...}``, each component as
+        ``{"type": <registered name>, **module.get_config()}`` (``None`` for no attention),
+        ``"input"`` as ``{"query": InputConfig.to_dict(), "reference": ...}`` (``None`` when
+        :attr:`input_config` is unknown).
 
         Returns:
             The config dict.
@@ -282,7 +332,10 @@ class CrossViewGeoLocalizer(nn.Module):
             "aggregation": component_config(self.aggregation, "aggregation"),
             "reference_attention": _optional_config(reference_attention, "reference_attention"),
             "share_weights": self.share_weights,
-        }
+            "input": None if self._input_config is None else {
+                view: config.to_dict() for view, config in self._input_config.items()
+            },
+        }  # fmt: skip
 
     @classmethod
     def _from_config(cls, config: dict[str, Any], source: str) -> CrossViewGeoLocalizer:
@@ -292,6 +345,10 @@ class CrossViewGeoLocalizer(nn.Module):
             return cls.lrfr(img_size=tuple(size), **_config_key(config, "options", source))
         if arch != "modules":
             raise ValueError(f"{source}: unknown architecture {arch!r} in the model config")
+        try:  # "input" is absent from configs written before the model recorded it
+            inputs = input_configs(config.get("input"), "the 'input' entry")
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: {err}") from err
 
         def build(key: str) -> nn.Module | None:
             value = _config_key(config, key, source)
@@ -305,6 +362,7 @@ class CrossViewGeoLocalizer(nn.Module):
             reference_attention=build("reference_attention")
             if "reference_attention" in config
             else None,
+            input_config=inputs,
         )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -408,6 +466,16 @@ def _check_images(images: Tensor) -> None:
             "gsra_salad.data.eval_transform(image_size) (scales to [0, 1] and normalises with "
             "the ImageNet mean and std), or (images.float() / 255 - mean) / std"
         )
+
+
+def _short(view: str, config: InputConfig) -> str:
+    """``query: 32x128 polar(crop=0.7)`` (mean and std only when they are not ImageNet's)."""
+    h, w = config.image_size
+    how = "resize" if config.view_transform == "none" else f"polar(crop={config.polar_crop:g})"
+    text = f"{view}: {h}x{w} {how}"
+    if (config.mean, config.std) != (_IMAGENET_MEAN, _IMAGENET_STD):
+        text += f" mean={config.mean} std={config.std}"
+    return text
 
 
 def _optional_config(module: nn.Module | None, role: str) -> dict[str, Any] | None:
