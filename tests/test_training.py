@@ -386,13 +386,13 @@ def test_a_diverging_loss_stops_with_a_clear_error(tmp_path):
 
 def test_nothing_below_training_imports_it():
     """Layering: training sits on top; ops, layers, models, data, losses, evaluation never
-    import it."""
+    import it (only the recipes and the command line, above it, do)."""
     import ast
     from pathlib import Path
 
     package = Path(__file__).resolve().parents[1] / "gsra_salad"
     for path in package.rglob("*.py"):
-        if "training" in path.relative_to(package).parts:
+        if {"training", "recipes", "cli", "__main__.py"} & set(path.relative_to(package).parts):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
