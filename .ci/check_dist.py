@@ -61,6 +61,15 @@ def smoke() -> None:
     assert y.shape == x.shape and desc.shape == (2, 32), (y.shape, desc.shape)
     assert torch.isfinite(desc).all()
     assert issubclass(CrossViewGeoLocalizer, torch.nn.Module)
+    # the command line: the console script and python -m, from the wheel alone
+    import subprocess
+
+    script = Path(sys.executable).with_name("gsra-salad")
+    for command in ([str(script)], [sys.executable, "-m", "gsra_salad"]):
+        shown = subprocess.run(
+            [*command, "train", "cvusa", "--help"], capture_output=True, text=True, check=True
+        ).stdout
+        assert "--batch-size" in shown and "Sample4Geo" in shown, shown
     print(f"wheel gsra_salad {gsra_salad.__version__} from {Path(gsra_salad.__file__).parent}: ok")
 
 

@@ -121,7 +121,7 @@ def test_kill_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
         process.wait()
     assert process.returncode == -signal.SIGKILL  # killed mid-run, not finished
     state = torch.load(killed / "last" / "training_state.pt", weights_only=True)
-    assert state["state"]["next_epoch"] < 4
+    assert state["progress"]["next_epoch"] < 4
 
     resumed = _run("train_cvusa.py", *args, "--output-dir", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

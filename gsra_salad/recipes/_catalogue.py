@@ -1,0 +1,149 @@
+"""The published and demo recipes of CVUSA, CVACT and University-1652 (DESIGN section 7)."""
+
+from __future__ import annotations
+
+import os
+
+from .._input import InputConfig
+from ..training import TrainConfig
+from ._recipe import Augmentation, Recipe
+
+__all__ = ["RECIPES"]
+
+SAMPLE4GEO = "Sample4Geo's recipe with LRFR's model and loss"
+LRFR = "LRFR's recipe (its public train_university.py)"
+DEMO = "the demo recipe (synthetic data, CPU)"
+
+# DataLoader workers where one is used: what the machine has, at most 4
+_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def _sample4geo(name: str, mining: str, notes: tuple[str, ...]) -> Recipe:
+    return Recipe(
+        name=name,
+        dataset=name,  # type: ignore[arg-type]
+        source=SAMPLE4GEO,
+        train=TrainConfig(
+            epochs=40,
+            batch_size=128,
+            lr=1e-3,
+            schedule="cosine",
+            warmup_epochs=1.0,
+            clip_value=100.0,
+            eval_every=4,
+            mining=mining,  # type: ignore[arg-type]
+            workers=_WORKERS,
+        ),
+        model="lrfr",
+        loss="triplet",
+        query_input=InputConfig((140, 768)),
+        reference_input=InputConfig((384, 384)),
+        augmentation=Augmentation("panorama", flip_p=0.5, rotate=True),
+        notes=notes,
+    )
+
+
+_DEMO_COLOUR = {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "channel_gain": 0.1}
+
+
+def _demo(name: str, dataset: str, locations: int, query: InputConfig, reference: InputConfig,
+          **train) -> Recipe:  # fmt: skip
+    return Recipe(
+        name=name,
+        dataset=dataset,  # type: ignore[arg-type]
+        source=DEMO,
+        train=TrainConfig(
+            **{"batch_size": 64, "lr": 2e-3, "schedule": "cosine", "workers": 0, **train}
+        ),
+        model="demo",
+        loss="infonce",
+        query_input=query,
+        reference_input=reference,
+        split="test" if dataset == "university1652" else "val",
+        augmentation=Augmentation("polar", flip_p=0.5, rotate=True, **_DEMO_COLOUR),
+        in_memory=True,
+        demo_locations=locations,
+    )
+
+
+_PANORAMA = InputConfig((32, 128))
+_TILE_AS_PANORAMA = InputConfig((32, 128), view_transform="polar")
+
+RECIPES: dict[str, Recipe] = {
+    "cvusa": _sample4geo(
+        "cvusa",
+        "embedding",
+        (
+            "panorama 140 x 768, satellite 384 x 384; hard negatives from embedding neighbours "
+            "after each evaluation",
+        ),
+    ),
+    "cvact": _sample4geo(
+        "cvact",
+        "gps+embedding",
+        (
+            "hard negatives from GPS neighbours until the first evaluation, then from embedding "
+            "neighbours",
+        ),
+    ),
+    "university1652": Recipe(
+        name="university1652",
+        dataset="university1652",
+        source=LRFR,
+        train=TrainConfig(
+            epochs=40,
+            batch_size=32,
+            lr=1e-4,
+            schedule="linear",
+            warmup_epochs=0.0,
+            clip_value=100.0,
+            eval_every=10,
+            mining="none",
+            workers=_WORKERS,
+        ),
+        model="lrfr",
+        loss="triplet",
+        query_input=InputConfig((384, 384)),
+        reference_input=InputConfig((384, 384)),
+        split="test",
+        augmentation=Augmentation("drone", flip_p=0.5, rotate=False),
+        notes=("batches of distinct buildings; satellite and drone flipped together",),
+    ),
+    # the demos: tiles polar-transformed into panoramas (SAFA-style), so both views are
+    # panoramas of one size; whole batches flipped, rolled and colour-changed together
+    "cvusa-demo": _demo(
+        "cvusa-demo",
+        "cvusa",
+        500,
+        _PANORAMA,
+        _TILE_AS_PANORAMA,
+        epochs=6,
+        warmup_epochs=0.3,
+        eval_every=6,
+        mining="none",
+    ),
+    "cvact-demo": _demo(
+        "cvact-demo",
+        "cvact",
+        300,
+        _PANORAMA,
+        _TILE_AS_PANORAMA,
+        epochs=12,
+        warmup_epochs=0.6,
+        eval_every=12,
+        mining="gps",
+    ),
+    # drone views polar-transformed whole, tiles after a centre crop to 0.7 of their side
+    # (what a drone view covers), so a drone's turn is a horizontal roll
+    "university1652-demo": _demo(
+        "university1652-demo",
+        "university1652",
+        200,
+        InputConfig((32, 128), view_transform="polar"),
+        InputConfig((32, 128), view_transform="polar", polar_crop=0.7),
+        epochs=16,
+        warmup_epochs=0.8,
+        eval_every=16,
+        mining="none",
+    ),
+}
