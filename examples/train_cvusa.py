@@ -46,11 +46,12 @@ def load(args, root, query_size, reference_size, train):
     tasks = [RetrievalTask("val", PairView(evaluation, 0), PairView(evaluation, 1))]
     if not train:
         return Data(None, None, tasks, "val")
+    # pixels (uint8): fit() normalises the batches with the model's mean / std
     pairs = CVUSA(
         root,
         "train",
-        query_transform=train_transform("ground", query_size),
-        reference_transform=train_transform("satellite", reference_size),
+        query_transform=train_transform("ground", query_size, normalize=False),
+        reference_transform=train_transform("satellite", reference_size, normalize=False),
         pair_transform=PairedAugmentation("panorama"),
     )
     plain = CVUSA(root, "train", reference_transform=eval_transform(reference_size))

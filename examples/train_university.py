@@ -55,12 +55,13 @@ def load(args, root, query_size, reference_size, train):
     ), query_size, reference_size)  # fmt: skip
     if not train:
         return Data(None, None, tasks, "test")
+    # pixels (uint8): fit() normalises the batches with the model's mean / std
     pairs = University1652(
         root,
         "train",
         query_view="drone",
-        query_transform=train_transform("drone", query_size),
-        reference_transform=train_transform("satellite", reference_size),
+        query_transform=train_transform("drone", query_size, normalize=False),
+        reference_transform=train_transform("satellite", reference_size, normalize=False),
         pair_transform=PairedAugmentation("drone", flip_p=0.5, rotate=False),
     )
     return Data(pairs, None, tasks, "test")

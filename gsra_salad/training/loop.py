@@ -26,8 +26,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import NeighbourBatchSampler, UniqueLabelBatchSampler
+from ..data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NeighbourBatchSampler,
+    PreloadedPairs,
+    UniqueLabelBatchSampler,
+)
 from ..data._base import load_rgb
+from ..data.preload import normalize
 from ..evaluation import embed, evaluate_retrieval
 from . import checkpoint as ckpt
 from .distributed import DistributedContext, barrier, get_context
@@ -370,26 +377,64 @@ class _Batches:
         return self.length
 
 
-def _epoch_batches(train_set, sampler, augmentation, config, epoch, context):
-    """The training batches of one epoch: the dataset's own ``batches(sampler, augmentation)``
-    (an in-memory set such as :class:`~gsra_salad.data.PreloadedPairs`), else a DataLoader
-    (worker seeds derived from the seed, the epoch and the rank) with ``augmentation`` applied
-    to its batches."""
-    if hasattr(train_set, "batches"):
-        return _Batches(train_set.batches(sampler, augmentation), len(sampler))
-    loader = DataLoader(
-        train_set,
-        batch_sampler=sampler,
-        num_workers=config.workers,
-        pin_memory=context.device.type == "cuda",
-        generator=torch.Generator().manual_seed(
-            config.seed * 1_000_003 + epoch * 1_009 + context.rank
-        ),
-    )
-    if augmentation is None:
-        return loader
-    augmented = ((*augmentation(q, r), labels) for q, r, labels in loader)
-    return _Batches(augmented, len(sampler))
+def _epoch_batches(train_set, sampler, augmentation, config, epoch, context, stats=None):
+    """The training batches of one epoch, augmented then normalised (normalisation last, as in
+    timm's PrefetchLoader), the same way on both paths:
+
+    - a :class:`~gsra_salad.data.PreloadedPairs` serves its uint8 batches;
+    - any other set with a ``batches(sampler, augmentation)`` method serves its own batches
+      (it applies ``augmentation`` itself);
+    - any other set goes through a DataLoader (worker seeds derived from the seed, the epoch
+      and the rank).
+
+    ``augmentation`` then runs on the batches (on pixels: a
+    :class:`~gsra_salad.data.PairedBatchAugmentation` refuses normalised images), and uint8
+    batches are moved to the device and normalised with ``stats[view] = (mean, std)`` (see
+    :func:`_normalisation`); float batches are passed on as they are.
+    """
+    stats = stats or _normalisation(None, train_set)
+    if isinstance(train_set, PreloadedPairs):
+        batches = train_set.batches(sampler, normalized=False)
+    elif hasattr(train_set, "batches"):
+        batches, augmentation = train_set.batches(sampler, augmentation), None
+    else:
+        batches = DataLoader(
+            train_set,
+            batch_sampler=sampler,
+            num_workers=config.workers,
+            pin_memory=context.device.type == "cuda",
+            generator=torch.Generator().manual_seed(
+                config.seed * 1_000_003 + epoch * 1_009 + context.rank
+            ),
+        )
+    return _Batches(_finish(batches, augmentation, stats, context.device), len(sampler))
+
+
+def _finish(batches, augmentation, stats, device):
+    """Augments each (query, reference, labels) batch, then normalises its uint8 views."""
+    for query, reference, labels in batches:
+        if augmentation is not None:
+            query, reference = augmentation(query, reference)
+        query = _normalised(query, stats["query"], device)
+        yield query, _normalised(reference, stats["reference"], device), labels
+
+
+def _normalised(images: Tensor, stats, device: torch.device) -> Tensor:
+    if images.dtype != torch.uint8:
+        return images  # floats: normalised by the dataset's own transforms (or by design)
+    return normalize(images.to(device, non_blocking=True), *stats)
+
+
+def _normalisation(model, train_set) -> dict[str, tuple[Sequence[float], Sequence[float]]]:
+    """``{view: (mean, std)}`` for uint8 training batches: the model's ``input_config`` when it
+    records one, else the training set's ``query_input`` / ``reference_input``
+    (:class:`~gsra_salad.data.PreloadedPairs`), else ImageNet's."""
+    recorded = getattr(model, "input_config", None) or {}
+    stats = {}
+    for view in ("query", "reference"):
+        config = recorded.get(view) or getattr(train_set, f"{view}_input", None)
+        stats[view] = (IMAGENET_MEAN, IMAGENET_STD) if config is None else (config.mean, config.std)
+    return stats
 
 
 def _augmentation_generator(augmentation) -> torch.Generator | None:
@@ -486,9 +531,15 @@ def fit(
             references with the evaluation transform) for embedding-neighbour mining.
         augmentation: applied to every training batch ``(query, reference)``, e.g.
             :class:`~gsra_salad.data.PairedBatchAugmentation` (its ``generator`` state, if it
-            has one, is checkpointed too). A ``train_set`` with a ``batches(sampler,
-            augmentation)`` method (:class:`~gsra_salad.data.PreloadedPairs`) serves its own
-            batches; any other goes through a DataLoader.
+            has one, is checkpointed too), before the normalisation: uint8 batches (from
+            :class:`~gsra_salad.data.PreloadedPairs`, or from a DataLoader over a dataset
+            whose transforms return pixels, e.g. ``create_transform(model, view,
+            normalize=False)``) are augmented, then normalised with the mean and std of the
+            model's ``input_config`` (ImageNet's when it records none); float batches are
+            passed to the model as they come. The two paths give identical batches for the
+            same data and seed. A ``train_set`` with its own ``batches(sampler,
+            augmentation)`` method serves its own batches; any other goes through a
+            DataLoader.
 
     Returns:
         :class:`FitResult` with the final metrics of every task.
@@ -525,6 +576,7 @@ def fit(
             f"no full batch of {config.batch_size} distinct locations in {len(labels)} pairs; "
             "use a smaller batch size"
         )
+    pixel_stats = _normalisation(model, train_set)  # mean / std of uint8 training batches
     optimizer = build_optimizer(module, config.lr, config.weight_decay)
     scheduler = build_scheduler(
         optimizer,
@@ -541,7 +593,9 @@ def fit(
     evaluated_at = -1
     for epoch in range(state.next_epoch, config.epochs):
         sampler.set_epoch(epoch)
-        loader = _epoch_batches(train_set, sampler, augmentation, config, epoch, context)
+        loader = _epoch_batches(
+            train_set, sampler, augmentation, config, epoch, context, pixel_stats
+        )
         stats = train_one_epoch(
             module, loader, optimizer, scheduler, scaler, config, state, context, epoch=epoch
         )
