@@ -39,6 +39,50 @@ def load_rgb(path: str | Path) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
+def _check_pixels(image: Tensor) -> Tensor:
+    """Returns ``image`` unchanged if its values are pixels the transforms can normalise.
+
+    Accepted: uint8 in [0, 255] (what the readers return) and floating point in [0, 1]. A float
+    image in [0, 255] would come out of the normalisation near 1000, and an image normalised
+    already would be normalised twice; both raise instead, as does any other dtype. The float
+    check allows values up to 1.5 and down to -0.5 (resampling overshoots [0, 1] a little).
+
+    Raises:
+        ValueError: naming the dtype or the value range found, the range expected and the fix.
+
+    Example:
+        >>> _check_pixels(torch.rand(3, 4, 4)).shape
+        torch.Size([3, 4, 4])
+        >>> _check_pixels(torch.full((3, 4, 4), 255.0))
+        Traceback (most recent call last):
+        ...
+        ValueError: ...float images in [0, 1]...divide by 255...
+    """
+    if image.dtype == torch.uint8:
+        return image
+    if not image.is_floating_point():
+        raise ValueError(
+            f"expected a uint8 image in [0, 255] or a float image in [0, 1], got dtype "
+            f"{image.dtype}; convert it with image.to(torch.uint8) if it holds 0..255 pixels"
+        )
+    if image.numel() == 0:
+        return image
+    if not torch.isfinite(image).all():
+        raise ValueError("the image contains NaN or infinite values")
+    low, high = float(image.min()), float(image.max())
+    if low < -0.5:
+        raise ValueError(
+            f"expected float images in [0, 1] (or uint8 in [0, 255]), got values down to "
+            f"{low:g}: the image looks normalised already; pass it before normalising"
+        )
+    if high > 1.5:
+        raise ValueError(
+            f"expected float images in [0, 1] (or uint8 in [0, 255]), got {image.dtype} values up "
+            f"to {high:g}: divide by 255 (image / 255) or pass the uint8 tensor the readers return"
+        )
+    return image
+
+
 def check_dir(path: Path, dataset: str, layout: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"{dataset}: directory {path} not found. Expected layout: {layout}")

@@ -29,8 +29,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import NeighbourBatchSampler, UniqueLabelBatchSampler
+from ..data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NeighbourBatchSampler,
+    PreloadedPairs,
+    UniqueLabelBatchSampler,
+)
 from ..data._base import load_rgb
+from ..data.preload import normalize
 from ..evaluation import embed, evaluate_retrieval
 from . import checkpoint as ckpt
 from .callbacks import Callback, CallbackList
@@ -98,7 +105,13 @@ class TrainData:
             goes through a DataLoader.
         augmentation: applied to every training batch ``(query, reference)`` before it is
             normalised, e.g. :class:`~gsra_salad.data.PairedBatchAugmentation`; its state is
-            checkpointed (see :class:`~gsra_salad.training.TrainState`).
+            checkpointed (see :class:`~gsra_salad.training.TrainState`). uint8 batches (from
+            :class:`~gsra_salad.data.PreloadedPairs`, or from a DataLoader over a dataset whose
+            transforms return pixels, e.g. ``create_transform(model, view, normalize=False)``)
+            are augmented, then normalised with the mean and std of the model's
+            ``input_config`` (ImageNet's when it records none); float batches are passed to
+            the model as they come. Both paths give identical batches for the same data and
+            seed.
         mining_set: ``(image, label)`` items aligned with ``pairs`` (usually its references
             with the evaluation transform) for embedding-neighbour mining.
 
@@ -487,27 +500,66 @@ class _Batches:
         return self.length
 
 
-def _epoch_batches(data: TrainData, state: TrainState, epoch: int, context: DistributedContext):
-    """The training batches of one epoch: the dataset's own ``batches(sampler, augmentation)``
-    (an in-memory set such as :class:`~gsra_salad.data.PreloadedPairs`), else a DataLoader
-    (worker seeds derived from the seed, the epoch and the rank) with the augmentation applied
-    to its batches."""
-    config, sampler, augmentation = state.config, state.sampler, data.augmentation
-    if hasattr(data.pairs, "batches"):
-        return _Batches(data.pairs.batches(sampler, augmentation), len(sampler))
-    loader = DataLoader(
-        data.pairs,
-        batch_sampler=sampler,
-        num_workers=config.workers,
-        pin_memory=context.device.type == "cuda",
-        generator=torch.Generator().manual_seed(
-            config.seed * 1_000_003 + epoch * 1_009 + context.rank
-        ),
-    )
-    if augmentation is None:
-        return loader
-    augmented = ((*augmentation(q, r), labels) for q, r, labels in loader)
-    return _Batches(augmented, len(sampler))
+def _epoch_batches(data: TrainData, state: TrainState, epoch: int, context, stats=None):
+    """The training batches of one epoch, augmented then normalised (normalisation last, as in
+    timm's PrefetchLoader), the same way on both paths:
+
+    - a :class:`~gsra_salad.data.PreloadedPairs` serves its uint8 batches;
+    - any other set with a ``batches(sampler, augmentation)`` method serves its own batches
+      (it applies ``augmentation`` itself);
+    - any other set goes through a DataLoader (worker seeds derived from the seed, the epoch
+      and the rank).
+
+    ``augmentation`` then runs on the batches (on pixels: a
+    :class:`~gsra_salad.data.PairedBatchAugmentation` refuses normalised images), and uint8
+    batches are moved to the device and normalised with ``stats[view] = (mean, std)`` (see
+    :func:`_normalisation`); float batches are passed on as they are.
+    """
+    config, sampler = state.config, state.sampler
+    train_set, augmentation = data.pairs, data.augmentation
+    stats = stats or _normalisation(None, train_set)
+    if isinstance(train_set, PreloadedPairs):
+        batches = train_set.batches(sampler, normalized=False)
+    elif hasattr(train_set, "batches"):
+        batches, augmentation = train_set.batches(sampler, augmentation), None
+    else:
+        batches = DataLoader(
+            train_set,
+            batch_sampler=sampler,
+            num_workers=config.workers,
+            pin_memory=context.device.type == "cuda",
+            generator=torch.Generator().manual_seed(
+                config.seed * 1_000_003 + epoch * 1_009 + context.rank
+            ),
+        )
+    return _Batches(_finish(batches, augmentation, stats, context.device), len(sampler))
+
+
+def _finish(batches, augmentation, stats, device):
+    """Augments each (query, reference, labels) batch, then normalises its uint8 views."""
+    for query, reference, labels in batches:
+        if augmentation is not None:
+            query, reference = augmentation(query, reference)
+        query = _normalised(query, stats["query"], device)
+        yield query, _normalised(reference, stats["reference"], device), labels
+
+
+def _normalised(images: Tensor, stats, device: torch.device) -> Tensor:
+    if images.dtype != torch.uint8:
+        return images  # floats: normalised by the dataset's own transforms (or by design)
+    return normalize(images.to(device, non_blocking=True), *stats)
+
+
+def _normalisation(model, train_set) -> dict[str, tuple[Sequence[float], Sequence[float]]]:
+    """``{view: (mean, std)}`` for uint8 training batches: the model's ``input_config`` when it
+    records one, else the training set's ``query_input`` / ``reference_input``
+    (:class:`~gsra_salad.data.PreloadedPairs`), else ImageNet's."""
+    recorded = getattr(model, "input_config", None) or {}
+    stats = {}
+    for view in ("query", "reference"):
+        config = recorded.get(view) or getattr(train_set, f"{view}_input", None)
+        stats[view] = (IMAGENET_MEAN, IMAGENET_STD) if config is None else (config.mean, config.std)
+    return stats
 
 
 # -- checks before training --------------------------------------------------------------------
@@ -685,6 +737,7 @@ def fit(
     state = build_train_state(
         model, loss, sampler, config, augmentation=data.augmentation, device=context.device
     )
+    pixel_stats = _normalisation(model, data.pairs)  # mean / std of uint8 training batches
     barrier()  # every rank has checked the folder before rank 0 changes it
     if output is not None and context.is_main:
         if overwrite:
@@ -704,7 +757,7 @@ def fit(
     evaluated_at = -1
     for epoch in range(state.next_epoch, config.epochs):
         state.sampler.set_epoch(epoch)
-        loader = _epoch_batches(data, state, epoch, context)
+        loader = _epoch_batches(data, state, epoch, context, pixel_stats)
         stats = train_one_epoch(module, state, loader, context, callback)
         record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, **stats}
         improved = False
