@@ -1,6 +1,8 @@
 """One augmentation path: the paired rule written once (single pair = batch of one), applied to
 pixels before the normalisation, identically on the in-memory and the DataLoader paths."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ from gsra_salad.data import (
 )
 from gsra_salad.data.preload import normalize
 from gsra_salad.models import TinyCNN
-from gsra_salad.training import TrainConfig, get_context
+from gsra_salad.training import TrainConfig, TrainData, get_context
 from gsra_salad.training.loop import _epoch_batches, _normalisation
 
 pytest.importorskip("PIL")
@@ -119,6 +121,14 @@ def test_augmentation_refuses_normalised_images_instead_of_clamping():
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class _State:
+    """What _epoch_batches reads of the run state."""
+
+    config: TrainConfig
+    sampler: UniqueLabelBatchSampler
+
+
 def test_dataloader_and_in_memory_paths_give_identical_batches(cvusa_root):
     model = CrossViewGeoLocalizer(
         TinyCNN(16),
@@ -138,7 +148,9 @@ def test_dataloader_and_in_memory_paths_give_identical_batches(cvusa_root):
     assert stats == {"query": (QUERY.mean, QUERY.std), "reference": (REFERENCE.mean, REFERENCE.std)}
 
     def epoch(data):
-        batches = _epoch_batches(data, sampler, _augmentation(), config, 0, context, stats)
+        batches = _epoch_batches(
+            TrainData(data, _augmentation()), _State(config, sampler), 0, context, stats
+        )
         return list(batches)
 
     a, b = epoch(in_memory), epoch(per_item)
@@ -165,11 +177,13 @@ def test_a_dataloader_of_normalised_images_with_a_batch_augmentation_is_an_error
     )
     sampler = UniqueLabelBatchSampler(normalised.labels, 4, seed=2, drop_last=True)
     config, context = TrainConfig(workers=0, progress=False), get_context()
-    batches = _epoch_batches(normalised, sampler, _augmentation(), config, 0, context)
+    batches = _epoch_batches(
+        TrainData(normalised, _augmentation()), _State(config, sampler), 0, context
+    )
     with pytest.raises(ValueError, match=r"normalised already.*normalize=False"):
         next(iter(batches))
     # without augmentation normalised floats pass through untouched
-    batches = _epoch_batches(normalised, sampler, None, config, 0, context)
+    batches = _epoch_batches(TrainData(normalised), _State(config, sampler), 0, context)
     q, _, _ = next(iter(batches))
     assert q.dtype == torch.float32 and float(q.min()) < 0
 
