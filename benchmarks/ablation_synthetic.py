@@ -3,7 +3,9 @@
 The same small model (a shared ``TinyCNN`` trunk, optionally ``GlobalSpatialRelationAttention``,
 one per view where the feature maps differ in size, then ``SALAD`` or GeM pooling; shared weights
 as in LRFR) is trained for a fixed number of optimizer STEPS (not wall time: the result does not
-depend on the machine's load) with ``gsra_salad.losses.InfoNCELoss`` on the hard setting
+depend on the machine's load) by the library's own loop (``gsra_salad.training.fit``, with the
+demo recipe's schedule, warmup share and clipping by value 100, and a callback for the learning
+curves) with ``gsra_salad.losses.InfoNCELoss`` on the hard setting
 (limited field of view at an unknown heading, one-view objects; docs/synthetic-benchmark.md),
 then evaluated on the 2,000-location validation split with ``evaluate_retrieval`` (R@1, R@5,
 R@1%). The colour-histogram baseline is reported beside it.
@@ -16,8 +18,8 @@ Run: ``python -m benchmarks.ablation_synthetic`` (about 15 minutes on a quiet 2-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import os
 import resource
 import statistics
@@ -29,12 +31,14 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks._common import RESULTS, environment
-from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention
-from gsra_salad.data import CVUSA, PairedAugmentation, UniqueLabelBatchSampler, eval_transform
+from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention, recipes
+from gsra_salad.data import CVUSA, PairedBatchAugmentation, PreloadedImages, PreloadedPairs
 from gsra_salad.data.synthetic import HardSetting, colour_histogram_descriptors, write_cvusa
 from gsra_salad.evaluation import evaluate_retrieval
 from gsra_salad.losses import InfoNCELoss
 from gsra_salad.models import TinyCNN
+from gsra_salad.training import Callback, RetrievalTask, TrainConfig, TrainData, fit
+from gsra_salad.training import evaluate as evaluate_tasks
 
 VARIANTS = {
     # name: (GSRA?, aggregation)
@@ -50,9 +54,6 @@ class Config:
 
     steps: int = 1500
     batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
     image_size: int = 64  # ground view height and satellite side at the model's input
     channels: int = 128
     width: int = 16
@@ -162,21 +163,33 @@ def load_split(
 # -- training and evaluation ----------------------------------------------------------------------
 
 
-def embed(model: CrossViewGeoLocalizer, images: Tensor, view: str, batch: int = 500) -> Tensor:
-    """Descriptors of uint8 images (normalised by the library's eval transform, per batch)."""
-    transform = eval_transform(tuple(images.shape[-2:]))  # same size: only scale + normalise
-    model.eval()
-    with torch.no_grad():
-        return torch.cat(
-            [
-                model.embed(transform(images[i : i + batch]), view)  # type: ignore[arg-type]
-                for i in range(0, len(images), batch)
-            ]
+class _Tensors(torch.utils.data.Dataset):
+    """(uint8 ground, uint8 satellite, id) items of tensors held in memory."""
+
+    def __init__(self, split: tuple[Tensor, Tensor, Tensor]) -> None:
+        self.grounds, self.satellites, labels = split
+        self.labels = labels.numpy()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.grounds[i], self.satellites[i], int(self.labels[i])
+
+
+def tasks(val: tuple[Tensor, Tensor, Tensor]) -> list[RetrievalTask]:
+    """The validation split as the library's retrieval task (normalised per batch)."""
+    return [
+        RetrievalTask(
+            "val", PreloadedImages(val[0], labels=val[2]), PreloadedImages(val[1], labels=val[2])
         )
+    ]
 
 
 def evaluate(model: CrossViewGeoLocalizer, val: tuple[Tensor, Tensor, Tensor]) -> dict[str, float]:
-    return recalls(embed(model, val[0], "query"), embed(model, val[1], "reference"))
+    config = TrainConfig(workers=0, progress=False, eval_batch_size=500)
+    metrics = evaluate_tasks(model, tasks(val), config)["val"]
+    return {k: v for k, v in metrics.items() if k.startswith("R@")}
 
 
 def recalls(q: Tensor, r: Tensor) -> dict[str, float]:
@@ -197,75 +210,84 @@ def histogram_baseline(root: Path) -> dict[str, float]:
     return recalls(describe(grounds), describe(satellites))
 
 
+def train_config(cfg: Config, steps_per_epoch: int, seed: int) -> TrainConfig:
+    """The demo recipe's schedule and clipping (``recipes.get("cvusa-demo")``), sized in epochs
+    to cover ``cfg.steps`` optimizer steps; the warmup is the recipe's share of the run."""
+    recipe = recipes.get("cvusa-demo").train
+    epochs = -(-cfg.steps // steps_per_epoch)
+    return dataclasses.replace(
+        recipe,
+        epochs=epochs,
+        batch_size=cfg.batch_size,
+        warmup_epochs=epochs * recipe.warmup_epochs / recipe.epochs,
+        eval_every=epochs,
+        seed=seed,
+        workers=0,
+        progress=False,
+        output_dir=None,
+    )
+
+
+class Curve(Callback):
+    """Records the loss, and R@k every ``eval_every`` steps with the CPU seconds of training
+    spent so far (the evaluations' own time excluded); asks the run to stop after ``steps``."""
+
+    def __init__(self, val, steps: int, eval_every: int, log_every: int, name: str) -> None:
+        self.val, self.steps, self.eval_every, self.log_every = val, steps, eval_every, log_every
+        self.name, self.losses, self.points, self.eval_cpu = name, [], [], 0.0
+        self.start_cpu = _cpu_seconds()
+
+    def training_cpu(self) -> float:
+        return _cpu_seconds() - self.start_cpu - self.eval_cpu
+
+    def on_step_end(self, state, loss) -> None:
+        self.losses.append(float(loss))
+        step = state.step
+        if self.log_every and step % self.log_every == 0:
+            recent = statistics.mean(self.losses[-self.log_every :])
+            print(f"  {self.name} step {step}: loss {recent:.3f}", flush=True)
+        if self.eval_every and step % self.eval_every == 0 and step < self.steps:
+            cpu0 = _cpu_seconds()
+            point = {"step": step, "cpu_s": self.training_cpu(), **evaluate(state.model, self.val)}
+            self.points.append(point)
+            self.eval_cpu += _cpu_seconds() - cpu0
+            print(
+                f"  {self.name} step {step}: R@1 {point['R@1']:.1f} R@5 {point['R@5']:.1f} "
+                f"({point['cpu_s']:.0f} CPU s)",
+                flush=True,
+            )
+        if step >= self.steps:
+            state.request_stop()
+
+
 def train_one(
     variant: str, cfg: Config, seed: int, train: tuple[Tensor, Tensor, Tensor],
     val: tuple[Tensor, Tensor, Tensor], *, log_every: int = 0, eval_every: int = 0,
 ) -> dict[str, object]:  # fmt: skip
+    """One variant trained by the library's ``fit`` (the recipe's schedule, clipping and
+    InfoNCE), in memory, the tile turned freely (heading unknown) and flipped with its view."""
     torch.manual_seed(seed)
     model = build_model(variant, cfg)
-    loss_fn = make_loss(cfg)
-    params = list(model.parameters()) + list(loss_fn.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def factor(step: int) -> float:  # linear warmup, cosine decay to 0 at cfg.steps
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    normalise_q, normalise_r = (eval_transform(tuple(x.shape[-2:])) for x in train[:2])
-    augment = PairedAugmentation("drone", generator=torch.Generator().manual_seed(seed))
-    grounds, satellites, labels = train
-    sampler = UniqueLabelBatchSampler(labels.numpy(), cfg.batch_size, seed=seed)
-    start_cpu = _cpu_seconds()
+    pairs = PreloadedPairs(_Tensors(train))
+    augmentation = PairedBatchAugmentation("drone", generator=torch.Generator().manual_seed(seed))
+    steps_per_epoch = len(train[2]) // cfg.batch_size
+    config = train_config(cfg, steps_per_epoch, seed)
+    curve = Curve(val, cfg.steps, eval_every, log_every, f"{variant} seed {seed}")
     start = time.perf_counter()
-    step, epoch, losses, curve, eval_cpu, eval_wall = 0, 0, [], [], 0.0, 0.0
-    while step < cfg.steps:
-        sampler.set_epoch(epoch)
-        for batch in sampler:
-            if step >= cfg.steps:
-                break
-            # heading unknown: the tile turns freely (k x 90 degrees); flips keep the pair valid
-            pairs = [augment(grounds[i], satellites[i]) for i in batch]
-            q = normalise_q(torch.stack([p[0] for p in pairs]))
-            r = normalise_r(torch.stack([p[1] for p in pairs]))
-            model.train()
-            qd, rd = model(q, r)
-            loss = loss_fn(qd, rd)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            step += 1
-            if log_every and step % log_every == 0:
-                recent = statistics.mean(losses[-log_every:])
-                print(f"  {variant} seed {seed} step {step}: loss {recent:.3f}", flush=True)
-            if eval_every and step % eval_every == 0 and step < cfg.steps:
-                cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-                point = {"step": step, "cpu_s": cpu0 - start_cpu - eval_cpu, **evaluate(model, val)}
-                curve.append(point)
-                eval_cpu += _cpu_seconds() - cpu0
-                eval_wall += time.perf_counter() - wall0
-                print(
-                    f"  {variant} seed {seed} step {step}: R@1 {point['R@1']:.1f} "
-                    f"R@5 {point['R@5']:.1f} ({point['cpu_s']:.0f} CPU s)",
-                    flush=True,
-                )
-        epoch += 1
-    train_cpu = _cpu_seconds() - start_cpu - eval_cpu
-    train_wall = time.perf_counter() - start - eval_wall
-    metrics = evaluate(model, val)
+    result = fit(
+        model, make_loss(cfg), TrainData(pairs, augmentation), tasks(val), config,
+        callbacks=[curve],
+    )  # fmt: skip
+    train_cpu = curve.training_cpu()
+    metrics = {k: v for k, v in result.metrics["val"].items() if k.startswith("R@")}
     return {
         "variant": variant,
         "seed": seed,
         **metrics,
-        "steps": cfg.steps,
-        "final_loss": statistics.mean(losses[-20:]),
-        "curve": curve,
-        "train_wall_s": train_wall,
+        "steps": result.state.step,
+        "final_loss": statistics.mean(curve.losses[-20:]),
+        "curve": curve.points,
+        "train_wall_s": time.perf_counter() - start,
         "train_cpu_s": train_cpu,
         "descriptor_dim": model.descriptor_dim if hasattr(model, "descriptor_dim") else None,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -350,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         torch.set_num_threads(args.threads)
     cfg = Config()
     if args.quick:
-        cfg = Config(steps=4, batch_size=16, num_train=64, num_val=64, warmup_steps=2)
+        cfg = Config(steps=4, batch_size=16, num_train=64, num_val=64)
     if args.steps is not None:
         cfg.steps = args.steps
     if args.fov is not None:

@@ -399,3 +399,19 @@ def test_fit_takes_train_data_with_mining_set(tmp_path):
     config = _config(tmp_path, epochs=2, eval_every=1, mining="embedding", mining_neighbours=3)
     result = fit(_model(), InfoNCELoss(), data, _task(pairs), config)
     assert result.state.sampler.neighbours.shape == (16, 3)
+
+
+def test_a_callback_can_stop_the_run_after_a_step(tmp_path):
+    class StopAt(Callback):
+        def on_step_end(self, state, loss):
+            if state.step == 3:
+                state.request_stop()
+
+    pairs = _Pairs(16)  # 2 steps per epoch
+    result = fit(
+        _model(), InfoNCELoss(), pairs, _task(pairs),
+        _config(tmp_path, epochs=5, eval_every=5), callbacks=[StopAt()],
+    )  # fmt: skip
+    assert result.state.step == 3 and result.state.next_epoch == 2
+    assert "R@1" in result.history[-1]["metrics"]["val"]  # the cut epoch was evaluated
+    assert load_training_state(tmp_path / "last")["progress"]["step"] == 3

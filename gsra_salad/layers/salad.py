@@ -240,6 +240,7 @@ class SALAD(nn.Module):
             "impl": self.impl,
         }
 
+
 def _as_int(name: str, value: object, minimum: int) -> int:
     """``value`` as a Python int >= ``minimum`` (NumPy integers accepted)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -260,13 +260,16 @@ def train_one_epoch(
         images += query.shape[0] + reference.shape[0]
         if callbacks is not None:
             callbacks.on_step_end(state, loss)
-        if batches % check_every == 0 or batches == len(loader):
+        stop = state.stop_requested
+        if stop or batches % check_every == 0 or batches == len(loader):
             mean = total.item() / batches  # one sync every few steps
             _check_finite(mean, state.step, epoch)
             if bar is not loader:
                 rate = images * context.world_size / max(time.perf_counter() - start, 1e-9)
                 lr = scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+        if stop:
+            break
     seconds = time.perf_counter() - start
     mean = total.item() / max(batches, 1)
     _check_finite(mean, state.step, epoch)
@@ -718,7 +721,7 @@ def fit(
     _check_tasks(tasks)
     run_info = {
         "config": config.as_dict(),
-        "model": _model_description(model),
+        "model": None if output is None else _model_description(model),
         "loss": repr(loss),
         "pairs": len(data.pairs),  # type: ignore[arg-type]
     }
@@ -754,16 +757,17 @@ def fit(
 
     callback.on_fit_start(state)
     last_metrics: dict[str, dict[str, Any]] = {}
-    evaluated_at = -1
+    evaluated = False  # after the last step
     for epoch in range(state.next_epoch, config.epochs):
         state.sampler.set_epoch(epoch)
         loader = _epoch_batches(data, state, epoch, context, pixel_stats)
         stats = train_one_epoch(module, state, loader, context, callback)
         record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, **stats}
         improved = False
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+        last = epoch + 1 == config.epochs or state.stop_requested
+        evaluated = (epoch + 1) % config.eval_every == 0 or last
+        if evaluated:
             last_metrics = evaluate(model, tasks, config, context)
-            evaluated_at = epoch
             record["metrics"] = last_metrics
             improved = _update_best(state, last_metrics, epoch)
             callback.on_evaluate_end(state, last_metrics)
@@ -777,7 +781,10 @@ def fit(
         _save_epoch(output, state, record, improved, context)
         callback.on_epoch_end(state, record)
         barrier()
-    if evaluated_at != config.epochs - 1 or not last_metrics:
+        if state.stop_requested:
+            logger.info("stopped at step %d, as a callback asked", state.step)
+            break
+    if not evaluated or not last_metrics:
         last_metrics = evaluate(model, tasks, config, context)
     result = FitResult(last_metrics, state, state.history)
     callback.on_fit_end(state, result)

@@ -38,6 +38,7 @@ class TrainState:
             evaluation).
         best_epoch: the epoch (0-based) that reached it.
         history: the record of every epoch, as appended to ``metrics.jsonl``.
+        stop_requested: set by :meth:`request_stop` (not saved).
 
     Example:
         >>> from torch import nn
@@ -63,9 +64,15 @@ class TrainState:
     best_metric: float | None = None
     best_epoch: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    stop_requested: bool = field(default=False, repr=False)
 
     COUNTERS = ("next_epoch", "step", "best_metric", "best_epoch", "history")
     FORMAT = 2
+
+    def request_stop(self) -> None:
+        """Ends the run after the current step (from a callback): the epoch is cut short, then
+        evaluated and checkpointed as the last one (a resume would start at the next epoch)."""
+        self.stop_requested = True
 
     def progress(self) -> dict[str, Any]:
         """The counters (``next_epoch``, ``step``, ``best_metric``, ``best_epoch``,
