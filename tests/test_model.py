@@ -1,5 +1,7 @@
 import copy
 import json
+import os
+import stat
 import sys
 
 import pytest
@@ -364,6 +366,26 @@ def test_without_safetensors_weights_are_saved_for_weights_only_loading(tmp_path
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+@pytest.mark.parametrize("safetensors", [True, False])
+def test_save_pretrained_files_follow_the_umask(tmp_path, monkeypatch, umask, safetensors):
+    if not safetensors:
+        monkeypatch.setitem(sys.modules, "safetensors", None)
+        monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    old = os.umask(umask)
+    try:
+        _tiny_model().save_pretrained(tmp_path / "m")
+        (tmp_path / "m" / "other.txt").write_text("written by open()")
+    finally:
+        os.umask(old)
+    names = {"config.json", "model.safetensors" if safetensors else "model.pt", "other.txt"}
+    assert {p.name for p in (tmp_path / "m").iterdir()} == names  # no temporary file left
+    for name in names:
+        mode = stat.S_IMODE((tmp_path / "m" / name).stat().st_mode)
+        assert mode == 0o666 & ~umask, (name, oct(mode))
 
 
 def test_tampered_or_truncated_weights_give_clear_errors(tmp_path):
