@@ -771,6 +771,32 @@ def test_retrieval_grid_undoes_normalisation_and_checks_shapes(tmp_path):
         save_retrieval_grid(tmp_path / "x.png", torch.zeros(1, 5, 6, 6), grey, [[0]], [[True]], k=1)
 
 
+def test_retrieval_grid_leaves_no_reference_empty_and_never_wraps_negative_indices(tmp_path):
+    from PIL import Image
+
+    tile, border = 6, 1
+    queries = torch.zeros(1, 3, 6, 6)
+    references = [torch.full((3, 6, 6), 0.5), torch.ones(3, 6, 6)]  # grey, white
+    path = save_retrieval_grid(
+        tmp_path / "g.png", queries, references, [[0, -1]], [[False, True]], k=2,
+        tile_size=tile, border=border,
+    )  # fmt: skip
+    image = np.asarray(Image.open(path).convert("RGB"))
+    cell = tile + 3 * border
+    outer = tile + 2 * border  # a tile and its outline
+    top, left = border, 2 * cell + border  # the second reference's
+    assert (image[top : top + outer, left : left + outer] == 255).all()  # empty
+    assert tuple(image[top, cell + border]) == FALSE_COLOUR  # the first one's outline
+    for bad, match in (
+        ([[0, -2]], r"ranked_indices\[0, 1\] = -2 .*\[0, 2\)"),
+        ([[2, 0]], r"ranked_indices\[0, 0\] = 2 "),
+        ([[0.0, 1.0]], "integer indices"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            save_retrieval_grid(tmp_path / "x.png", queries, references, bad, [[1, 1]], k=2)
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_huge_finite_descriptors_are_not_mistaken_for_inf():
     q = torch.full((2, 4), 3e38)  # finite, but their row sums overflow
     q[1] = -q[1]
