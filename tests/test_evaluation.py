@@ -685,6 +685,29 @@ def test_embed_bad_input():
         embed(Net(), Pairs(0), progress=False)
 
 
+class Named(Pairs):
+    """Items labelled by strings (e.g. folder names), or by fractional numbers."""
+
+    def __init__(self, labels):
+        super().__init__(len(labels))
+        self.labels = labels
+
+
+@pytest.mark.parametrize(
+    "labels,match",
+    [
+        (["0839", "0840", "0841"], r"integers .*got str labels such as '0839'.*Map them"),
+        ([0.5, 1.0, 2.0], r"non-integer .* such as 0.5.*truncate"),
+        ([True, False, True], "integers"),
+    ],
+)
+def test_embed_rejects_labels_that_are_not_integers(labels, match):
+    with pytest.raises(ValueError, match=match):
+        embed(Net(), Named(labels), batch_size=2, progress=False)
+    _, ok = embed(Net(), Named([3.0, 4.0, 5.0]), progress=False)  # integral floats are fine
+    assert ok.tolist() == [3, 4, 5] and ok.dtype == torch.long
+
+
 WORLD = 2
 
 
