@@ -325,6 +325,30 @@ def test_both_counting_paths_agree(monkeypatch, ties):
     assert_same(by_sort, official_university(q, r, ql, gl, (1, 5), ties=ties))
 
 
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+def test_positions_by_sort_and_by_comparison_agree_with_a_loop(ties):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (40, 30), generator=g).double()  # many ties
+    scores[:, -3:] = float("-inf")  # junk
+    true = torch.stack([torch.randperm(27, generator=g)[:5] for _ in range(40)])
+    true[::3, 2:] = -1  # fewer true matches in some rows
+    true[1, :] = -1  # none in one
+    out = [search_module.positions_from_scores(scores, true, sort=s, ties=ties) for s in (0, 1)]
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+    positions, counts, tied = out[0]
+    for c in range(40):  # the ranking spelt out: score descending, then the tie rule
+        good = set(true[c][true[c] >= 0].tolist())
+        last = ties == "pessimistic"  # true matches after the wrong ones of equal score
+        order = sorted(range(27), key=lambda j: (-scores[c, j], (j in good) == last))
+        expected = [p for p, j in enumerate(order) if j in good]
+        assert positions[c, : len(expected)].tolist() == expected
+        assert (positions[c, len(expected) :] == -1).all() and counts[c] == len(expected)
+        best = max((scores[c, j] for j in good), default=None)
+        wrong_equal = any(scores[c, j] == best for j in range(30) if j not in good)
+        assert bool(tied[c]) == (best is not None and wrong_equal)
+
+
 def test_distractors_are_kept_and_drop_is_the_variant():
     q, r, ql, gl = university_case(7)
     official = evaluate_retrieval(q, r, ql, gl, ks=(1,), protocol="university1652")

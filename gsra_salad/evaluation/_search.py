@@ -109,7 +109,7 @@ def _count_above(scores: Tensor, vals: Tensor, *, inclusive: bool) -> Tensor:
 
 def positions_from_scores(
     scores: Tensor, true_index: Tensor, *, sort: bool, ties: str = "pessimistic"
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Exact positions of the true matches in each row's ranking.
 
     ``scores`` (C, R) has junk set to -inf; ``true_index`` (C, T) holds the true matches'
