@@ -77,14 +77,14 @@ def make_pairs(q_count, r_count, d, dtype, device):
 def dense_baseline(q, r, q_labels, r_labels, ks=(1, 5, 10)):
     """The full similarity matrix, then ranks: what public evaluation code does (Sample4Geo's
     ``calculate_scores`` counts per query; here per block of rows, vectorised, with as little
-    memory beside the matrix)."""
+    memory beside the matrix), with ties counted against the query like ``evaluate_retrieval``."""
     sim = q.float() @ r.float().T
     index = torch.empty_like(r_labels)
     index[r_labels] = torch.arange(len(r_labels))
     true = sim.gather(1, index[q_labels].unsqueeze(1))
     rows = max(1, 2**22 // sim.shape[1])
-    ranks = torch.cat([
-        (sim[i : i + rows] > true[i : i + rows]).sum(1) for i in range(0, len(sim), rows)
+    ranks = torch.cat([  # other references at least as similar (the default tie rule)
+        (sim[i : i + rows] >= true[i : i + rows]).sum(1) - 1 for i in range(0, len(sim), rows)
     ])  # fmt: skip
     ks = (*ks, max(1, len(r) // 100))
     return {f"R@{k}": 100.0 * (ranks < k).float().mean().item() for k in ks}

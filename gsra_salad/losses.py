@@ -22,7 +22,8 @@ as in the published code.
 Across processes (``gather=True``). Every process scores its local B queries against the
 references of all processes (and its local references against all queries), with the
 gathered descriptors carrying gradients back to the process that produced them
-(:func:`torch.distributed.nn.functional.all_gather`); labels are offset by ``rank * B``, as in
+(the semantics of ``torch.distributed.nn.functional.all_gather``, on public collectives);
+labels are offset by ``rank * B``, as in
 open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``. Each process returns the mean
 over its own rows, so after DistributedDataParallel averages the gradients over the W
 processes, the loss and every gradient equal those of the single-process loss on the
@@ -112,13 +113,34 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """``all_gather`` along dim 0 whose backward returns to each process the sum, over all
+    processes, of the gradients of its block: the semantics of
+    ``torch.distributed.nn.functional.all_gather`` (deprecated: torch 2.14 warns with a
+    FutureWarning on every call) on the public collectives alone. The backward all-reduces
+    the (W B, D) gradient, which every backend supports (gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        dist = torch.distributed
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = slice(dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()  # all_reduce writes in place
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rows]
+
+
 def _gather(x: Tensor, world_size: int) -> Tensor:
     """Concatenates ``x`` of every process along dim 0, with gradients flowing back."""
     if world_size == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def _gather_labels(labels: Tensor, world_size: int) -> Tensor:

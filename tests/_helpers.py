@@ -40,6 +40,36 @@ class SavedBytes:
         self._ctx.__exit__(*exc)
 
 
+# Parameters whose gradient is zero by the math, for any input (the end of the name: why).
+# Rounding leaves ~eps-sized values on the last two (float32: below 1e-8 of the largest
+# gradient, against 1e-4 for the smallest real one in these tests' models).
+ZERO_GRADIENT = {
+    "dust_bin": "SALAD: the Sinkhorn iterations cancel the constant dustbin row (exactly 0)",
+    "score.3.bias": "SALAD: a constant per cluster row of the scores, cancelled by the row "
+    "normalisation of the Sinkhorn iterations",
+    "gg_spatial.1.bias": "GSRA in training mode: a constant shift that the 1x1 conv carries into "
+    "BatchNorm2d(1), whose batch mean removes it",
+}
+
+
+def assert_gradients(named_parameters, zero, *, rounding=1e-6, real=1e-5):
+    """Every parameter has a gradient; those whose name ends with one of ``zero`` (keys of
+    :data:`ZERO_GRADIENT`) are zero up to rounding (at most ``rounding`` of the largest
+    gradient), every other one is well above rounding (more than ``real`` of it)."""
+    grads = dict(named_parameters)
+    missing = [name for name, p in grads.items() if p.grad is None]
+    assert not missing, f"no gradient: {missing}"
+    size = {name: p.grad.detach().abs().max().item() for name, p in grads.items()}
+    scale = max(size.values())
+    assert scale > 0
+    for name, value in size.items():
+        if name.endswith(tuple(zero)):
+            why = next(ZERO_GRADIENT[key] for key in zero if name.endswith(key))
+            assert value <= rounding * scale, (name, value / scale, why)
+        else:
+            assert value > real * scale, (name, value / scale)
+
+
 def published_matching_probs(scores, dustbin, num_iters=3):
     """The published SALAD ``get_matching_probs``, written out as the test oracle."""
     b, m, n = scores.shape

@@ -22,21 +22,29 @@ from gsra_salad.evaluation.grid import FALSE_COLOUR, QUERY_COLOUR, TRUE_COLOUR
 from tests._helpers import free_port, gloo_group
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the integer descriptors below tie on purpose; the warning about it is tested on its own
+pytestmark = pytest.mark.filterwarnings("ignore:.*exactly as similar as their true match")
 
 # ---------------------------------------------------------------------------------------------
 # test oracles
 # ---------------------------------------------------------------------------------------------
 
 
-def sample4geo_cvusa(query, reference, query_labels, reference_labels, ks):
-    """Sample4Geo's ``calculate_scores`` (evaluate/cvusa_and_cvact.py): a loop over queries."""
+def sample4geo_cvusa(query, reference, query_labels, reference_labels, ks, ties="optimistic"):
+    """Sample4Geo's ``calculate_scores`` (evaluate/cvusa_and_cvact.py): a loop over queries.
+
+    ``ties="optimistic"`` is the published code (references strictly more similar);
+    ``"pessimistic"`` counts the other references at least as similar."""
     topk = [*ks, len(reference) // 100]
     similarity = query.double() @ reference.double().T
     ref2index = {int(idx): i for i, idx in enumerate(reference_labels)}
     results = np.zeros(len(topk))
     for i in range(len(query)):
         gt_sim = similarity[i, ref2index[int(query_labels[i])]]
-        ranking = (similarity[i, :] > gt_sim).sum()
+        if ties == "optimistic":
+            ranking = (similarity[i, :] > gt_sim).sum()
+        else:
+            ranking = (similarity[i, :] >= gt_sim).sum() - 1  # not the true one itself
         for j, k in enumerate(topk):
             if ranking < k:
                 results[j] += 1.0
@@ -64,12 +72,13 @@ def compute_map(index, good_index, junk_index):
     return ap, cmc
 
 
-def official_university(query, reference, ql, gl, ks, *, ties="optimistic"):
+def official_university(query, reference, ql, gl, ks, *, ties="pessimistic"):
     """The University-1652 evaluation loop (``evaluate`` + ``eval_query``), float64 scores.
 
     The published code orders the gallery with ``np.argsort(score)[::-1]``, whose order among
-    equal scores is unspecified; ``ties="optimistic"`` puts true matches first among equals
-    (the documented rule of ``evaluate_retrieval``); ``ties="argsort"`` is the literal code.
+    equal scores is unspecified; ``ties="pessimistic"`` puts true matches last among equals,
+    ``ties="optimistic"`` first (the two rules of ``evaluate_retrieval``); ``ties="argsort"``
+    is the literal code.
     """
     ql, gl = np.asarray(ql), np.asarray(gl)
     cmc = torch.IntTensor(len(gl)).zero_()
@@ -82,7 +91,7 @@ def official_university(query, reference, ql, gl, ks, *, ties="optimistic"):
             index = np.argsort(score)[::-1]
         else:
             is_good = np.isin(np.arange(len(gl)), good_index)
-            index = np.lexsort((~is_good, -score))
+            index = np.lexsort((~is_good if ties == "optimistic" else is_good, -score))
         ap_tmp, cmc_tmp = compute_map(index, good_index, junk_index)
         if cmc_tmp[0] == -1:
             continue
@@ -138,33 +147,150 @@ def assert_same(result, expected, tol=1e-9):
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 7])
 @pytest.mark.parametrize("extra", [0, 30])
-def test_cvusa_equals_sample4geo_loop_with_ties(chunk_size, extra):
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+def test_cvusa_equals_sample4geo_loop_with_ties(chunk_size, extra, ties):
     q, r, ql, rl = cvusa_case(extra=extra)  # extra: references that no query has
     ks = (1, 5, 10)
-    result = evaluate_retrieval(q, r, ql, rl, ks=ks, chunk_size=chunk_size)
-    expected = sample4geo_cvusa(q, r, ql, rl, ks)
+    result = evaluate_retrieval(q, r, ql, rl, ks=ks, chunk_size=chunk_size, ties=ties)
+    expected = sample4geo_cvusa(q, r, ql, rl, ks, ties=ties)
     keys = [f"R@{k}" for k in ks] + ["R@1%"]
     assert_same(result, dict(zip(keys, expected.tolist())))
     ties = (q.double() @ r.double().T).unsqueeze(-1) == (q.double() @ r.double().T).unsqueeze(1)
     assert ties.sum() > q.shape[0] * r.shape[0]  # the data do have ties
+    # and the rule matters on them
+    assert evaluate_retrieval(q, r, ql, rl, ks=ks) != evaluate_retrieval(
+        q, r, ql, rl, ks=ks, ties="optimistic"
+    )
 
 
-def test_cvusa_ties_do_not_hurt_the_query():
+def test_cvusa_ties_count_against_the_query_unless_optimistic():
     q = torch.tensor([[1.0, 0.0]])
-    r = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
-    result = evaluate_retrieval(q, r, [5], [3, 4, 5], ks=(1,))
+    r = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert evaluate_retrieval(q, r, [5], [3, 4, 5, 6], ks=(1, 2, 3)) == {
+        "R@1": 0.0, "R@2": 0.0, "R@3": 100.0, "R@1%": 0.0,
+    }  # fmt: skip
+    result = evaluate_retrieval(q, r, [5], [3, 4, 5, 6], ks=(1,), ties="optimistic")
     assert result["R@1"] == 100.0
+
+
+def collapsed(kind, n, d=16):
+    """The descriptors of a collapsed model: all rows equal. Every inner product is exact
+    (16 * (1/4)**2 = 1 or 0), so the scores tie exactly in any summation order."""
+    return torch.full((n, d), 0.25) if kind == "ones" else torch.zeros(n, d)
+
+
+@pytest.mark.parametrize("kind", ["ones", "zeros"])
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_a_collapsed_model_scores_zero_and_warns(kind, backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    n = 1000
+    labels = torch.arange(n)
+    q, r = collapsed(kind, n), collapsed(kind, n)
+    with pytest.warns(UserWarning, match="nearly. identical.*collapsed"):
+        result = evaluate_retrieval(q, r, labels, labels, backend=backend)
+    # every other reference ties with the true one: rank n - 1 for every query
+    assert result == {"R@1": 0.0, "R@5": 0.0, "R@10": 0.0, "R@1%": 0.0}
+    with pytest.warns(UserWarning, match="collapsed"):
+        published = evaluate_retrieval(q, r, labels, labels, backend=backend, ties="optimistic")
+    assert published == {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0, "R@1%": 100.0}
+    # University-1652: the true match is the last of n equal items (position r = n - 1):
+    # AP = (0 / r + 1 / (r + 1)) / 2
+    with pytest.warns(UserWarning, match="collapsed"):
+        u = evaluate_retrieval(q, r, labels, labels, backend=backend, protocol="university1652")
+    assert u["R@1"] == u["R@1%"] == 0.0
+    assert u["AP"] == pytest.approx(100 / (2 * n), rel=1e-12)
+
+
+@pytest.mark.parametrize("protocol", ["cvusa", "university1652"])
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_backends_agree_on_duplicated_references(protocol, ties, chunk_size):
+    """Wrong references that duplicate the true one (or each other), and a top-k cut that
+    falls inside a group of equal scores: both backends rank ties by the same rule."""
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(0)
+    n = 300  # R@1% = R@3: the FAISS top-k cut is at k_max + 1 = 11 (ks up to 10)
+    q = integer_descriptors(n, 4, g)
+    r = q.clone()
+    r[1::2] = r[0:-1:2]  # every odd reference duplicates the even one before it
+    r[::7] = 1.0  # and a group of identical references
+    ql = torch.arange(n)
+    kwargs = dict(ks=(1, 5, 10), ties=ties, chunk_size=chunk_size, protocol=protocol)
+    torch_result = evaluate_retrieval(q, r, ql, ql, **kwargs)
+    assert evaluate_retrieval(q, r, ql, ql, backend="faiss", **kwargs) == torch_result
+    if protocol == "cvusa":
+        expected = sample4geo_cvusa(q, r, ql, ql, (1, 5, 10), ties=ties)
+        assert_same(torch_result, dict(zip(["R@1", "R@5", "R@10", "R@1%"], expected.tolist())))
+    else:
+        assert_same(torch_result, official_university(q, r, ql, ql, (1, 5, 10), ties=ties))
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+@pytest.mark.parametrize("n_equal", [1, 2, 5, 11, 12, 40])
+def test_faiss_top_k_cut_inside_a_tie(ties, n_equal):
+    """The true reference ties with ``n_equal`` wrong ones, with one reference above them:
+    the FAISS top-k (k_max + 1 = 11 here) may cut through the tie; the count must not."""
+    pytest.importorskip("faiss")
+    r = torch.zeros(60, 4)
+    r[0] = torch.tensor([2.0, 0, 0, 0])  # above the tie
+    r[1 : n_equal + 2] = torch.tensor([1.0, 0, 0, 0])  # the true one (label 1) and n_equal
+    r[n_equal + 2 :, 1] = 1.0  # below
+    q = torch.tensor([[1.0, 0, 0, 0]])
+    rl = torch.arange(60)
+    kwargs = dict(ks=(1, 2, 10), ties=ties)
+    expected = 1 + (n_equal if ties == "pessimistic" else 0)  # the true reference's rank
+    result = evaluate_retrieval(q, r, [1], rl, **kwargs)
+    assert result == {f"R@{k}": 100.0 * (expected < k) for k in (1, 2, 10)} | {"R@1%": 0.0}
+    assert evaluate_retrieval(q, r, [1], rl, backend="faiss", **kwargs) == result
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("protocol", ["cvusa", "university1652"])
+def test_frequent_exact_ties_warn(backend, protocol, recwarn):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    q, r, ql, rl = cvusa_case(n=200)  # small integers: many true matches tie a wrong one
+    s = q @ r.T
+    true = s.diagonal().unsqueeze(1)
+    tied = int(((s == true) & ~torch.eye(200, dtype=torch.bool)).any(1).sum())
+    assert tied > 2  # more than 1% of the queries
+    kwargs = dict(backend=backend, protocol=protocol)
+    if backend == "faiss" and protocol == "cvusa":  # sees ties within its top k only
+        kwargs["ks"] = (200,)
+    with pytest.warns(UserWarning, match=f"{tied} of the 200 queries .*exactly as similar"):
+        evaluate_retrieval(q, r, ql, rl, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    qc, rc = torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g)
+    recwarn.clear()
+    evaluate_retrieval(qc, rc, ql, ql, backend=backend, protocol=protocol)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_near_constant_descriptors_warn_and_real_ones_do_not(recwarn):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(50)
+    varied = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    nearly = torch.nn.functional.normalize(1 + 1e-6 * torch.randn(50, 8, generator=g), dim=1)
+    evaluate_retrieval(varied, varied, labels, labels)
+    evaluate_retrieval(varied[:1], varied[:1], labels[:1], labels[:1], ks=(1,))  # one row
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    with pytest.warns(UserWarning, match=r"rows of reference_descriptors .*identical"):
+        evaluate_retrieval(varied, nearly, labels, labels)
+    with pytest.warns(UserWarning, match=r"rows of query_descriptors .*and the 50 rows of ref"):
+        evaluate_retrieval(nearly, nearly.half(), labels, labels)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 5])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_university_equals_official_loop_with_ties_junk_and_distractors(chunk_size, seed):
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+def test_university_equals_official_loop_with_ties_junk_and_distractors(chunk_size, seed, ties):
     q, r, ql, gl = university_case(seed)
     ks = (1, 5, 10)
     result = evaluate_retrieval(
-        q, r, ql, gl, ks=ks, protocol="university1652", chunk_size=chunk_size
+        q, r, ql, gl, ks=ks, protocol="university1652", chunk_size=chunk_size, ties=ties
     )
-    assert_same(result, official_university(q, r, ql, gl, ks))
+    assert_same(result, official_university(q, r, ql, gl, ks, ties=ties))
 
 
 def test_university_equals_literal_argsort_code_without_ties():
@@ -185,9 +311,10 @@ def test_university_one_true_match_per_query_drone_to_satellite():
     assert_same(result, official_university(q, r, ql, gl, (1, 5)))
 
 
-def test_both_counting_paths_agree(monkeypatch):
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+def test_both_counting_paths_agree(monkeypatch, ties):
     q, r, ql, gl = university_case(4, per_building=9)
-    kwargs = dict(ks=(1, 5), protocol="university1652")
+    kwargs = dict(ks=(1, 5), protocol="university1652", ties=ties)
     by_comparison = evaluate_retrieval(q, r, ql, gl, **kwargs)
     monkeypatch.setattr(search_module, "_COUNT_BY_COMPARISON", 0)  # sort + searchsorted
     by_sort = evaluate_retrieval(q, r, ql, gl, **kwargs)
@@ -195,7 +322,31 @@ def test_both_counting_paths_agree(monkeypatch):
     monkeypatch.setattr(search_module, "_COUNT_BY_COMPARISON", 16)
     monkeypatch.setattr(search_module, "_COUNT_ELEMENTS", 2 * len(gl) + 1)  # two rows at a time
     assert evaluate_retrieval(q, r, ql, gl, **kwargs) == by_comparison
-    assert_same(by_sort, official_university(q, r, ql, gl, (1, 5)))
+    assert_same(by_sort, official_university(q, r, ql, gl, (1, 5), ties=ties))
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+def test_positions_by_sort_and_by_comparison_agree_with_a_loop(ties):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (40, 30), generator=g).double()  # many ties
+    scores[:, -3:] = float("-inf")  # junk
+    true = torch.stack([torch.randperm(27, generator=g)[:5] for _ in range(40)])
+    true[::3, 2:] = -1  # fewer true matches in some rows
+    true[1, :] = -1  # none in one
+    out = [search_module.positions_from_scores(scores, true, sort=s, ties=ties) for s in (0, 1)]
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+    positions, counts, tied = out[0]
+    for c in range(40):  # the ranking spelt out: score descending, then the tie rule
+        good = set(true[c][true[c] >= 0].tolist())
+        last = ties == "pessimistic"  # true matches after the wrong ones of equal score
+        order = sorted(range(27), key=lambda j: (-scores[c, j], (j in good) == last))
+        expected = [p for p, j in enumerate(order) if j in good]
+        assert positions[c, : len(expected)].tolist() == expected
+        assert (positions[c, len(expected) :] == -1).all() and counts[c] == len(expected)
+        best = max((scores[c, j] for j in good), default=None)
+        wrong_equal = any(scores[c, j] == best for j in range(30) if j not in good)
+        assert bool(tied[c]) == (best is not None and wrong_equal)
 
 
 def test_distractors_are_kept_and_drop_is_the_variant():
@@ -344,6 +495,11 @@ def test_faiss_backend_gives_the_same_numbers(chunk_size):
     assert evaluate_retrieval(qc, rc, ql, rl, backend="faiss", **geo, **kwargs) == (
         evaluate_retrieval(qc, rc, ql, rl, **geo, **kwargs)
     )
+    # integer descriptors: many exact ties, also at the top-k cut; both rules
+    for ties in ("pessimistic", "optimistic"):
+        assert evaluate_retrieval(q, r, ql, rl, backend="faiss", ties=ties, **kwargs) == (
+            evaluate_retrieval(q, r, ql, rl, ties=ties, **kwargs)
+        )
     # University-1652: full rankings, exact with ties, junk and distractors
     q, r, ql, gl = university_case(3)
     for distractors in ("keep", "drop"):
@@ -426,6 +582,7 @@ L4, L5 = torch.arange(4), torch.arange(5)
         ((Q4, R5, L4, L5), {"distractors": "ignore"}, "distractors must be one of"),
         ((Q4, R5, L4, L5), {"backend": "annoy"}, "backend must be one of"),
         ((Q4, R5, L4, L5), {"chunk_size": 0}, "chunk_size"),
+        ((Q4, R5, L4, L5), {"ties": "random"}, "ties must be one of"),
         ((Q4, R5, L4, -torch.ones(5).long()), {"protocol": "university1652"}, "no reference"),
         ((Q4, R5, -torch.ones(4).long(), L5), {"protocol": "university1652"}, "junk label"),
         ((Q4, R5, L4, L5), {"query_positions": torch.zeros(4, 2)}, "pass both"),
@@ -530,7 +687,9 @@ def test_embed_amp_and_storage_dtype():
 
 def test_embed_feeds_evaluate_retrieval():
     data, net = Pairs(), Net()
+    net.eval()  # in training mode, dropout can leave two images one equal direction: a tie
     q, ql = embed(lambda x: nn.functional.normalize(net(x), dim=1), data, progress=False)
+    assert len(q.unique(dim=0)) == len(q)
     result = evaluate_retrieval(q, q, ql, ql, ks=(1,))
     assert result["R@1"] == 100.0
 
@@ -548,6 +707,29 @@ def test_embed_bad_input():
         embed(3, Pairs())
     with pytest.raises(ValueError, match="empty"):
         embed(Net(), Pairs(0), progress=False)
+
+
+class Named(Pairs):
+    """Items labelled by strings (e.g. folder names), or by fractional numbers."""
+
+    def __init__(self, labels):
+        super().__init__(len(labels))
+        self.labels = labels
+
+
+@pytest.mark.parametrize(
+    "labels,match",
+    [
+        (["0839", "0840", "0841"], r"integers .*got str labels such as '0839'.*Map them"),
+        ([0.5, 1.0, 2.0], r"non-integer .* such as 0.5.*truncate"),
+        ([True, False, True], "integers"),
+    ],
+)
+def test_embed_rejects_labels_that_are_not_integers(labels, match):
+    with pytest.raises(ValueError, match=match):
+        embed(Net(), Named(labels), batch_size=2, progress=False)
+    _, ok = embed(Net(), Named([3.0, 4.0, 5.0]), progress=False)  # integral floats are fine
+    assert ok.tolist() == [3, 4, 5] and ok.dtype == torch.long
 
 
 WORLD = 2
@@ -634,6 +816,32 @@ def test_retrieval_grid_undoes_normalisation_and_checks_shapes(tmp_path):
         save_retrieval_grid(tmp_path / "x.png", grey, grey, [[0]], [[True]], k=2)
     with pytest.raises(ValueError, match="images must be"):
         save_retrieval_grid(tmp_path / "x.png", torch.zeros(1, 5, 6, 6), grey, [[0]], [[True]], k=1)
+
+
+def test_retrieval_grid_leaves_no_reference_empty_and_never_wraps_negative_indices(tmp_path):
+    from PIL import Image
+
+    tile, border = 6, 1
+    queries = torch.zeros(1, 3, 6, 6)
+    references = [torch.full((3, 6, 6), 0.5), torch.ones(3, 6, 6)]  # grey, white
+    path = save_retrieval_grid(
+        tmp_path / "g.png", queries, references, [[0, -1]], [[False, True]], k=2,
+        tile_size=tile, border=border,
+    )  # fmt: skip
+    image = np.asarray(Image.open(path).convert("RGB"))
+    cell = tile + 3 * border
+    outer = tile + 2 * border  # a tile and its outline
+    top, left = border, 2 * cell + border  # the second reference's
+    assert (image[top : top + outer, left : left + outer] == 255).all()  # empty
+    assert tuple(image[top, cell + border]) == FALSE_COLOUR  # the first one's outline
+    for bad, match in (
+        ([[0, -2]], r"ranked_indices\[0, 1\] = -2 .*\[0, 2\)"),
+        ([[2, 0]], r"ranked_indices\[0, 0\] = 2 "),
+        ([[0.0, 1.0]], "integer indices"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            save_retrieval_grid(tmp_path / "x.png", queries, references, bad, [[1, 1]], k=2)
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_huge_finite_descriptors_are_not_mistaken_for_inf():

@@ -1,6 +1,7 @@
 """The package's public surface, layering and house rules."""
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -116,9 +117,11 @@ def test_every_public_function_has_a_docstring_with_an_example():
 
 
 def test_api_docs_are_generated_from_the_docstrings():
+    # the package these tests import (not whichever one is installed: a worktree's own)
+    env = {**os.environ, "PYTHONPATH": str(Path(gsra_salad.__file__).parents[1])}
     result = subprocess.run(
         [sys.executable, str(ROOT / "docs" / "gen_api.py"), "--check"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
 
@@ -132,13 +135,14 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # examples may write files
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)\n```", readme, flags=re.S)
     assert blocks
-    namespace: dict = {}  # the blocks read as one session, each continuing the last
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
+    for i, block in enumerate(blocks):  # each block runs on its own, as a reader copies it
+        folder = tmp_path / f"block{i + 1}"  # examples may write files
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        exec(compile(block, f"README.md (python block {i + 1})", "exec"), {"__name__": "readme"})
 
 
 def _code_lines(function: ast.FunctionDef) -> int:

@@ -46,6 +46,15 @@ def test_sdist_manifest_ships_tests_docs_examples_and_benchmarks():
     assert all((ROOT / path).is_file() for path in required), required
 
 
+def test_git_ignores_what_the_examples_and_benchmarks_write():
+    gitignore = ROOT / ".gitignore"
+    if not gitignore.is_file():
+        pytest.skip("not a git checkout (an unpacked sdist)")
+    lines = gitignore.read_text().split()
+    assert "runs/" in lines  # the examples' default --output-dir
+    assert "benchmarks/results/" in lines
+
+
 def test_no_test_imports_conftest():
     """pytest's conftest is not an importable module outside pytest's own path handling."""
     for path in (ROOT / "tests").glob("*.py"):

@@ -57,11 +57,14 @@ class Positions:
     first: (Q,) position of the first true match; ``num_kept`` when the query has none.
     true: (Q, T) ascending positions of all true matches, padded with -1 (or None).
     top1: (Q,) index (into the full reference set) of the most similar kept reference (or None).
+    tied: (Q,) bool, the first true match scores exactly as high as a wrong reference (the
+        tie rule decides its position). False for queries without a true match.
     """
 
     first: Tensor
     true: Tensor | None
     top1: Tensor | None
+    tied: Tensor
 
 
 def true_match_indices(
@@ -89,44 +92,78 @@ def true_match_indices(
     return indices, counts
 
 
-def _count_greater(scores: Tensor, vals: Tensor) -> Tensor:
-    """(C, T) counts of ``scores[c] > vals[c, t]``, over row slices: a comparison's bool mask
-    and the integer copy that ``sum`` makes of it stay at ~2**22 elements each."""
+def _count_above(scores: Tensor, vals: Tensor, *, inclusive: bool) -> Tensor:
+    """(C, T) counts of ``scores[c] > vals[c, t]`` (``>=`` when ``inclusive``), over row
+    slices: a comparison's bool mask and the integer copy that ``sum`` makes of it stay at
+    ~2**22 elements each."""
+    compare = torch.ge if inclusive else torch.gt
     out = torch.empty(vals.shape, dtype=torch.long, device=scores.device)
     rows = max(1, _COUNT_ELEMENTS // max(1, scores.shape[1]))
     for start in range(0, scores.shape[0], rows):
         block = scores[start : start + rows]
         for i in range(vals.shape[1]):
-            out[start : start + rows, i] = (block > vals[start : start + rows, i : i + 1]).sum(1)
+            mask = compare(block, vals[start : start + rows, i : i + 1])
+            out[start : start + rows, i] = mask.sum(1)
     return out
 
 
 def positions_from_scores(
-    scores: Tensor, true_index: Tensor, *, sort: bool
-) -> tuple[Tensor, Tensor]:
+    scores: Tensor, true_index: Tensor, *, sort: bool, ties: str = "pessimistic"
+) -> tuple[Tensor, Tensor, Tensor]:
     """Exact positions of the true matches in each row's ranking.
 
     ``scores`` (C, R) has junk set to -inf; ``true_index`` (C, T) holds the true matches'
-    columns (-1 = padding). The i-th best true match (scores descending) sits at position
-    ``#{non-true j: s_j > s_(i)} + i``: references strictly more similar come first, ties do
-    not hurt the query. Returns ``(positions (C, T) padded with -1, counts (C,))``.
+    columns (-1 = padding). Ties are exactly equal scores as computed. With
+    ``ties="pessimistic"`` the i-th best true match (scores descending) sits at position
+    ``#{non-true j: s_j >= s_(i)} + i``: every wrong reference as similar as a true match is
+    ranked before it. With ``ties="optimistic"`` (Sample4Geo's rule) it sits at
+    ``#{non-true j: s_j > s_(i)} + i``: ties do not hurt the query. Returns
+    ``(positions (C, T) padded with -1, counts (C,), tied (C,))``, ``tied`` telling whether
+    the best true match scores exactly as high as a wrong reference.
     """
     t = true_index.shape[1]
+    inclusive = ties == "pessimistic"
     valid = true_index >= 0
     vals = scores.gather(1, true_index.clamp(min=0)).masked_fill(~valid, float("-inf"))
     vals = vals.sort(dim=1, descending=True).values  # valid ones first
-    # true matches strictly more similar than the i-th one (they are among the counted ones)
-    true_greater = (vals.unsqueeze(1) > vals.unsqueeze(2)).sum(-1)
-    if not sort:
-        greater = _count_greater(scores, vals)
+    # true matches counted with the i-th one: they are among the counted references. Valid
+    # scores are finite, so the -inf padding is never counted
+    if inclusive:
+        true_above = (vals.unsqueeze(1) >= vals.unsqueeze(2)).sum(-1)
     else:
+        true_above = (vals.unsqueeze(1) > vals.unsqueeze(2)).sum(-1)
+    if not sort:
+        above = _count_above(scores, vals, inclusive=inclusive)
+    else:  # references below the i-th true match's score (or at it, for the optimistic rule)
         ranked = scores.sort(dim=1).values
-        greater = scores.shape[1] - torch.searchsorted(ranked, vals.contiguous(), right=True)
+        below = torch.searchsorted(ranked, vals.contiguous(), right=not inclusive)
+        above = scores.shape[1] - below
     counts = valid.sum(1)
     i = torch.arange(t, device=scores.device)
-    positions = greater - true_greater + i
+    positions = above - true_above + i
     positions = positions.masked_fill(i >= counts.unsqueeze(1), -1)
-    return positions, counts
+    # wrong references exactly as similar as the best true match (-inf = junk never counts)
+    best = vals[:, :1]
+    true_equal = (vals == best).sum(1)
+    if not sort:
+        equal = _count_equal(scores, best)
+    else:
+        equal = (
+            torch.searchsorted(ranked, best.contiguous(), right=True)[:, 0]
+            - (torch.searchsorted(ranked, best.contiguous(), right=False)[:, 0])
+        )
+    tied = (equal > true_equal) & (counts > 0)
+    return positions, counts, tied
+
+
+def _count_equal(scores: Tensor, vals: Tensor) -> Tensor:
+    """(C,) counts of ``scores[c] == vals[c, 0]``, over row slices like :func:`_count_above`."""
+    out = torch.empty(vals.shape[0], dtype=torch.long, device=scores.device)
+    rows = max(1, _COUNT_ELEMENTS // max(1, scores.shape[1]))
+    for start in range(0, scores.shape[0], rows):
+        block = scores[start : start + rows]
+        out[start : start + rows] = (block == vals[start : start + rows]).sum(1)
+    return out
 
 
 def streaming_positions(
@@ -138,6 +175,7 @@ def streaming_positions(
     chunk_size: int | None,
     need_true: bool,
     need_top1: bool,
+    ties: str = "pessimistic",
 ) -> Positions:
     """The built-in backend: one pass over query chunks (private)."""
     q_count, r_count = query.shape[0], reference.shape[0]
@@ -151,6 +189,7 @@ def streaming_positions(
         torch.full((q_count, t), -1, dtype=torch.long, device=query.device) if need_true else None
     )
     top1 = torch.empty(q_count, dtype=torch.long, device=query.device) if need_top1 else None
+    tied = torch.zeros(q_count, dtype=torch.bool, device=query.device)
     for start in range(0, q_count, chunk):
         stop = min(start + chunk, q_count)
         scores = similarity_block(query[start:stop], reference)
@@ -160,12 +199,14 @@ def streaming_positions(
             top1[start:stop] = scores.argmax(dim=1)
         if t == 0:
             continue
-        positions, counts = positions_from_scores(scores, true_index[start:stop], sort=sort)
+        positions, counts, tied[start:stop] = positions_from_scores(
+            scores, true_index[start:stop], sort=sort, ties=ties
+        )
         first[start:stop] = torch.where(counts > 0, positions[:, 0], num_kept)
         if true is not None:
             true[start:stop] = positions
         del scores
-    return Positions(first=first, true=true, top1=top1)
+    return Positions(first=first, true=true, top1=top1, tied=tied)
 
 
 def search(

@@ -63,7 +63,29 @@ def _split_item(batch: Any) -> tuple[Tensor, Tensor]:
             f"(images, labels); got a batch of type {type(batch).__name__}"
         )
     images, labels = batch
-    return images, torch.as_tensor(labels)
+    return images, _label_tensor(labels)
+
+
+def _label_tensor(labels: Any) -> Tensor:
+    """A batch's labels as a tensor of integers, or a ValueError that says how to get them."""
+    try:
+        t = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None or t.dtype == torch.bool or t.is_complex():
+        first = labels[0] if isinstance(labels, (list, tuple)) and labels else labels
+        raise ValueError(
+            "embed: labels must be integers (location ids, compared by evaluate_retrieval), "
+            f"got {type(first).__name__} labels such as {first!r}. Map them to integers in "
+            "the dataset, e.g. ids = {name: i for i, name in enumerate(sorted(names))}, and "
+            "keep the mapping to read the results back"
+        )
+    if t.is_floating_point() and not bool((t == t.round()).all()):
+        raise ValueError(
+            f"embed: labels must be integers (location ids), got non-integer {t.dtype} values "
+            f"such as {t[t != t.round()][0].item()}; converting would truncate them"
+        )
+    return t
 
 
 def _autocast(device: torch.device, amp: bool | torch.dtype | None):
@@ -104,8 +126,8 @@ def embed(
 
     Args:
         model_or_callable: maps an image batch (B, 3, H, W) on ``device`` to descriptors (B, D).
-        dataset_or_loader: a dataset of ``(image, label)`` items, or a ``DataLoader`` yielding
-            ``(images, labels)`` batches (used as given on one process).
+        dataset_or_loader: a dataset of ``(image, label)`` items with integer labels, or a
+            ``DataLoader`` yielding ``(images, labels)`` batches (used as given on one process).
         batch_size: batch size when a dataset is given.
         device: where images are sent; default: the module's device (CPU for other callables).
         amp: ``None``/``False`` (no autocast), ``True`` (autocast with the device type's default
@@ -118,7 +140,8 @@ def embed(
         ``(descriptors (N, D) on device, in dtype; labels (N,) int64 on the CPU)``.
 
     Raises:
-        ValueError: items that are not (image, label) pairs, a bad batch size or amp, a
+        ValueError: items that are not (image, label) pairs, labels that are not integers
+            (strings: map them to integer ids in the dataset), a bad batch size or amp, a
             callable that returns no (B, D) tensor, a shuffling loader under a process group.
 
     Example:

@@ -18,6 +18,27 @@ TRUE_COLOUR = (0, 200, 0)
 FALSE_COLOUR = (220, 0, 0)
 QUERY_COLOUR = (128, 128, 128)
 BACKGROUND = (255, 255, 255)
+NO_REFERENCE = -1
+
+
+def _check_indices(ranked: Tensor, reference_images: Any) -> None:
+    """Integer indices in [0, R) or -1; R only when the references have a length."""
+    if ranked.dtype == torch.bool or ranked.is_floating_point() or ranked.is_complex():
+        raise ValueError(
+            f"save_retrieval_grid: ranked_indices must hold integer indices, got {ranked.dtype}"
+        )
+    size = len(reference_images) if hasattr(reference_images, "__len__") else None
+    bad = ranked < NO_REFERENCE
+    if size is not None:
+        bad |= ranked >= size
+    if bool(bad.any()):
+        row, col = (int(v) for v in bad.nonzero()[0])
+        bound = f"[0, {size})" if size is not None else ">= 0"
+        raise ValueError(
+            f"save_retrieval_grid: ranked_indices[{row}, {col}] = {int(ranked[row, col])} is "
+            f"not a reference index: indices must be {bound}, or -1 for 'no reference' (an "
+            "empty cell); negative indices are not counted from the end"
+        )
 
 
 def _pillow() -> Any:
@@ -76,8 +97,10 @@ def save_retrieval_grid(
             (H, W, 3) arrays or PIL images (sizes may differ).
         reference_images: indexable references of the same kinds (a tensor, a list, or any
             object whose ``[i]`` returns an image, e.g. a lazily loading wrapper).
-        ranked_indices: (Q, >= k) reference indices, most similar first (e.g. from
-            :func:`~gsra_salad.evaluation.search`).
+        ranked_indices: (Q, >= k) integer reference indices, most similar first (e.g. from
+            :func:`~gsra_salad.evaluation.search`); -1 means "no reference" (as FAISS pads
+            when fewer than k are found) and leaves its cell empty. Other negative indices
+            are an error, never wrapped around to the end of the gallery.
         true_mask: (Q, >= k) booleans, True where the ranked reference is a true match.
         k: references shown per query.
         tile_size: side of each tile in pixels.
@@ -89,7 +112,8 @@ def save_retrieval_grid(
         The path written.
 
     Raises:
-        ValueError: mismatched lengths, fewer than k ranked references, bad image shapes.
+        ValueError: mismatched lengths, fewer than k ranked references, bad image shapes,
+            an index below -1 or beyond the references, non-integer indices.
         ImportError: Pillow is not installed (the ``data`` extra).
 
     Example:
@@ -116,6 +140,7 @@ def save_retrieval_grid(
                 f"save_retrieval_grid: {name} must have shape (Q, >= k) = ({q_count}, >= {k}), "
                 f"got {tuple(t.shape)}"
             )
+    _check_indices(ranked[:, :k], reference_images)
     if tile_size < 1 or border < 0:
         raise ValueError("save_retrieval_grid: tile_size must be >= 1 and border >= 0")
 
@@ -135,6 +160,8 @@ def save_retrieval_grid(
     for i in range(q_count):
         paste(query_images[i], i, 0, QUERY_COLOUR)
         for j in range(k):
+            if int(ranked[i, j]) == NO_REFERENCE:
+                continue  # an empty cell
             colour = TRUE_COLOUR if bool(truth[i, j]) else FALSE_COLOUR
             paste(reference_images[int(ranked[i, j])], i, j + 1, colour)
     path = Path(path)

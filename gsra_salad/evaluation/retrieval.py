@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -18,6 +19,12 @@ PROTOCOLS = ("cvusa", "university1652")
 DISTRACTORS = ("keep", "drop")
 BACKENDS = ("torch", "faiss")
 POSITION_METRICS = ("euclidean", "haversine")
+TIES = ("pessimistic", "optimistic")
+# descriptors whose rows all agree to within this fraction of their largest magnitude are
+# reported as constant (a collapsed model)
+CONSTANT_RTOL = 1e-4
+# warn when more than this share of the queries have a true match tied with a wrong reference
+TIED_SHARE = 0.01
 
 Protocol = Literal["cvusa", "university1652"]
 
@@ -57,6 +64,60 @@ def _all_finite(t: Tensor) -> bool:
             if not bool(torch.isfinite(part).all()):
                 return False
     return True
+
+
+def _constant_spread(t: Tensor) -> float | None:
+    """The largest per-dimension spread (max - min over rows) of ``t`` relative to its largest
+    magnitude when that is at most :data:`CONSTANT_RTOL` (every row nearly equal to the
+    first), else None. One chunked pass over the rows."""
+    lo = hi = None
+    for part in t.split(max(1, 2**24 // t.shape[1])):
+        p_lo, p_hi = part.amin(dim=0), part.amax(dim=0)
+        lo = p_lo if lo is None else torch.minimum(lo, p_lo)
+        hi = p_hi if hi is None else torch.maximum(hi, p_hi)
+    lo, hi = lo.double(), hi.double()
+    scale = float(torch.maximum(lo.abs(), hi.abs()).max())
+    spread = float((hi - lo).max())
+    if spread > CONSTANT_RTOL * scale:
+        return None
+    return spread / scale if scale > 0 else 0.0
+
+
+def _warn_if_constant(query: Tensor, reference: Tensor, owner: str) -> bool:
+    """One UserWarning naming the descriptors whose rows are (nearly) identical; True if so."""
+    found = []
+    for name, t in (("query_descriptors", query), ("reference_descriptors", reference)):
+        spread = _constant_spread(t) if t.shape[0] > 1 else None
+        if spread is not None:
+            found.append(f"the {t.shape[0]} rows of {name} (largest spread {spread:.1e})")
+    if found:
+        warnings.warn(
+            f"{owner}: {' and '.join(found)} are (nearly) identical: they agree to within "
+            f"{CONSTANT_RTOL:g} of their largest magnitude. The model has probably collapsed "
+            "to a constant output, and the metrics say little about it; exactly equal "
+            "similarities count against the true match by default (ties='pessimistic'), so a "
+            "fully collapsed model scores 0, not 100. Check the model and its training "
+            "(learning rate, normalisation, untrained or frozen weights)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return bool(found)
+
+
+def _warn_if_tied(tied: Tensor, ties: str, owner: str) -> None:
+    """A UserWarning when many true matches tie exactly with a wrong reference."""
+    count = int(tied.sum())
+    if count > TIED_SHARE * tied.numel():
+        warnings.warn(
+            f"{owner}: {count} of the {tied.numel()} queries ({100 * count / tied.numel():.1f}%) "
+            "have a wrong reference exactly as similar as their true match, so the metrics "
+            f"depend on the tie rule (ties={ties!r}). With informative float descriptors exact "
+            "ties are rare; this many mean that the similarities take few distinct values: the "
+            "descriptors are nearly collapsed (e.g. an untrained model, whose cosines may all "
+            "lie within 1e-4 of 1) or coarsely quantised",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _as_labels(labels: Any, name: str, length: int, device: torch.device) -> Tensor:
@@ -105,6 +166,7 @@ def evaluate_retrieval(
     position_metric: Literal["euclidean", "haversine"] | None = None,
     chunk_size: int | None = None,
     backend: Literal["torch", "faiss"] = "torch",
+    ties: Literal["pessimistic", "optimistic"] = "pessimistic",
 ) -> dict[str, float]:
     """Retrieval metrics of cross-view geo-localisation, streamed in query chunks.
 
@@ -115,19 +177,29 @@ def evaluate_retrieval(
     are computed in float32) on any device. See ``docs/evaluation.md`` for the protocols.
 
     - ``protocol="cvusa"`` (CVUSA, CVACT): each query has exactly one true reference, the one
-      with its label; its rank is the number of references strictly more similar (ties do not
-      hurt the query). ``R@k`` = share of queries with rank < k.
+      with its label; its rank is the number of other references at least as similar
+      (``ties="pessimistic"``, the default) or strictly more similar (``ties="optimistic"``,
+      Sample4Geo's rule). ``R@k`` = share of queries with rank < k.
     - ``protocol="university1652"``: the official University-1652 CMC and AP. True matches are
       the gallery items with the query's label; items labelled -1 are junk and removed from the
       ranking; gallery buildings absent from the queries (distractors) stay in the ranking.
       ``R@k`` = CMC[k - 1] (first true match in the top k). Among equally similar items the
-      true matches come first. A query without any true match counts as a miss with AP 0, and
+      true matches come after the wrong ones (``ties="pessimistic"``) or before them
+      (``ties="optimistic"``). A query without any true match counts as a miss with AP 0, and
       stays in the denominator, as in the official code. ``distractors="drop"`` instead marks
       every gallery item whose label no query has as junk: the variant of some public code
       (e.g. LRFR's ``U1652DatasetEval(sample_ids=...)``), which is NOT the official protocol
       and scores higher.
 
     ``R@1%`` uses k = max(1, ⌊R/100⌋), R the number of gallery items left after junk removal.
+
+    Ties are exactly equal similarities as computed. The default rule never rewards them: a
+    collapsed model whose descriptors are all equal scores 0, not 100%, and a warning says
+    that the descriptors are (nearly) constant. ``ties="optimistic"`` reproduces
+    the published code for comparison with published numbers. With informative float
+    descriptors exact ties are rare and both rules give the same numbers; a nearly collapsed
+    (e.g. untrained) model can tie often (``docs/evaluation.md``, "Ties"). Both backends
+    apply the same rule.
 
     Args:
         query_descriptors: (Q, D) float tensor.
@@ -146,6 +218,9 @@ def evaluate_retrieval(
             (128 MiB in float32), and at most 2**24 / D queries.
         backend: ``"torch"`` (built-in) or ``"faiss"`` (exact ``IndexFlatIP``, the ``faiss``
             extra; see ``docs/evaluation.md``).
+        ties: where a true match goes among references exactly as similar:
+            ``"pessimistic"`` (after them) or ``"optimistic"`` (before them, as Sample4Geo
+            counts; the University-1652 code leaves their order to ``np.argsort``).
 
     Returns:
         ``{"R@1": ..., "R@5": ..., "R@10": ..., "R@1%": ...}`` (one ``R@k`` per k), plus ``"AP"``
@@ -156,7 +231,12 @@ def evaluate_retrieval(
     Raises:
         ValueError: length or dimension mismatches, NaN/inf descriptors, an unknown protocol,
             ks larger than the gallery, empty inputs, a CVUSA query whose label is missing from
-            (or repeated in) the references.
+            (or repeated in) the references, an unknown tie rule.
+
+    Warns:
+        UserWarning: when the query or the reference descriptors are (nearly) constant, or
+            else when more than 1% of the queries have a true match exactly as similar as a
+            wrong reference (the result then depends on ``ties``).
 
     Example:
         >>> q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
@@ -165,6 +245,15 @@ def evaluate_retrieval(
         {'R@1': 66.66..., 'R@3': 100.0, 'R@1%': 66.66...}
         >>> evaluate_retrieval(q, r, [0, 1, 1], [0, 1, -1], ks=(1,), protocol="university1652")
         {'R@1': 100.0, 'R@1%': 100.0, 'AP': 100.0}
+
+        Ties: a wrong reference as similar as the true one ranks before it, unless
+        ``ties="optimistic"``:
+
+        >>> r_tied = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+        >>> evaluate_retrieval(q[:1], r_tied, [0], [0, 1, 2], ks=(1, 2))
+        {'R@1': 0.0, 'R@2': 100.0, 'R@1%': 0.0}
+        >>> evaluate_retrieval(q[:1], r_tied, [0], [0, 1, 2], ks=(1, 2), ties="optimistic")
+        {'R@1': 100.0, 'R@2': 100.0, 'R@1%': 100.0}
     """
     owner = "evaluate_retrieval"
     if protocol not in PROTOCOLS:
@@ -180,7 +269,13 @@ def evaluate_retrieval(
         raise ValueError(f"{owner}: backend must be one of {BACKENDS}, got {backend!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{owner}: chunk_size must be a positive int or None, got {chunk_size}")
+    if ties not in TIES:
+        raise ValueError(
+            f"{owner}: ties must be one of {TIES} ('pessimistic' ranks a true match after the "
+            f"references exactly as similar, 'optimistic' before them), got {ties!r}"
+        )
     _check_descriptors(query_descriptors, reference_descriptors, owner=owner)
+    constant = _warn_if_constant(query_descriptors, reference_descriptors, owner)
     device = query_descriptors.device
     q_count, r_count = query_descriptors.shape[0], reference_descriptors.shape[0]
     q_labels = _as_labels(query_labels, "query_labels", q_count, device)
@@ -207,7 +302,7 @@ def evaluate_retrieval(
         _check_one_true_reference(q_labels, counts, owner)
 
     need_true = protocol == "university1652"
-    search = dict(chunk_size=chunk_size, need_top1=with_positions)
+    search = dict(chunk_size=chunk_size, need_top1=with_positions, ties=ties)
     if backend == "faiss":
         from ._faiss import faiss_positions
 
@@ -222,6 +317,8 @@ def evaluate_retrieval(
             need_true=need_true, **search,
         )  # fmt: skip
 
+    if not constant:
+        _warn_if_tied(positions.tied, ties, owner)
     result = {f"R@{k}": recall_at_k(positions.first, k) for k in ks}
     result["R@1%"] = recall_at_k(positions.first, max(1, num_kept // 100))
     if need_true:

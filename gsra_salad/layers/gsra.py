@@ -130,7 +130,10 @@ class GlobalSpatialRelationAttention(nn.Module):
       ``(B, g, Ci, H, W) -> (B, Ci, g, H, W)``.
 
     Parameter and buffer names and shapes are exactly those of the published LRFR ``GSRA``
-    module, so its state dicts load with ``strict=True``.
+    module, so its state dicts load with ``strict=True``. In training mode the bias of
+    ``gg_spatial``'s first BatchNorm (``gg_spatial.1.bias``) is a constant shift that the next
+    1x1 conv carries into ``BatchNorm2d(1)``, whose batch mean removes it: its gradient is zero
+    up to rounding (in eval mode it acts through the running statistics).
 
     ``impl="reference"`` runs the literal formulation (materialises the HW x HW relation).
     ``impl="fused"`` uses the relation's rank (Ci) and BatchNorm moment identities

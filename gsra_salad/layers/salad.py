@@ -33,7 +33,9 @@ class SALAD(nn.Module):
     load with ``strict=True``. The output does not depend on ``dust_bin`` (the Sinkhorn
     iterations cancel a constant row): it receives an exact zero gradient and stays in the
     graph, so DistributedDataParallel does not report it as unused (docs/derivations.md
-    section 2).
+    section 2). Likewise the bias of the last score conv (``score.3.bias``) adds a constant to
+    each cluster's row of scores, which the Sinkhorn row normalisation cancels: its gradient is
+    zero up to rounding.
 
     Composability: ``torch.compile(salad, fullgraph=True)`` compiles forward and backward
     without graph breaks, in train and eval (under compile the fused Sinkhorn solves in the log

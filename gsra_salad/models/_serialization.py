@@ -10,7 +10,8 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -166,10 +167,27 @@ def _load_weights_file(path: Path) -> dict[str, Tensor]:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """``write(tmp)`` to a new file beside ``path``, then rename it to ``path``.
+
+    The file gets mode 0o666 filtered by the umask, like any file that ``open`` creates
+    (``tempfile.mkstemp`` would make it 0o600, private to the owner, and so do writers that
+    replace the file themselves, such as recent safetensors): the mode that ``os.open`` gave
+    the new file is applied again after ``write``.
+    """
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise FileExistsError(f"could not create a temporary file beside {path}")
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 & ~umask
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
