@@ -27,6 +27,7 @@ MODULES = [
     "gsra_salad.losses",
     "gsra_salad.evaluation",
     "gsra_salad.training",
+    "gsra_salad.recipes",
 ]
 
 

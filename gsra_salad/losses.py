@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._distributed import rank_and_world_size
+
 __all__ = [
     "InfoNCELoss",
     "SoftMarginTripletLoss",
@@ -105,14 +107,6 @@ def _checks_enabled() -> bool:
     return not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling())
 
 
-def _world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _GatherWithGrad(torch.autograd.Function):
     """``all_gather`` along dim 0 whose backward returns to each process the sum, over all
     processes, of the gradients of its block: the semantics of
@@ -166,7 +160,7 @@ def _setup(
     """Normalised local descriptors, gathered descriptors, the positive column of each local
     row, the not-negative mask and the world size."""
     _check_pair(owner, query, reference, labels)
-    rank, world = _world() if gather else (0, 1)
+    rank, world = rank_and_world_size() if gather else (0, 1)
     b = query.shape[0]
     q = F.normalize(query, dim=1)
     r = F.normalize(reference, dim=1)

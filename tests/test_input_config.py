@@ -207,10 +207,8 @@ def test_preloaded_pairs_from_configs_equal_create_transform(cvusa_root):
 
 def _side(root):
     """The reference side of CVUSA val as an (image, label) set (the readers' own eval sets are
-    University-1652's; for CVUSA, PairView does this)."""
-    from gsra_salad.training import PairView
-
-    return PairView(CVUSA(root, "val"), 1)
+    University-1652's; for CVUSA, the reader's reference_set() does this)."""
+    return CVUSA(root, "val").reference_set()
 
 
 def test_preloaded_arguments_exclude_each_other(cvusa_root):

@@ -487,29 +487,32 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             barrier()  # nobody reads the demo folder any more: rank 0 may delete it
     finally:
         cleanup_distributed()
-    lines = []
-    for task in data.tasks:
-        m = metrics[task.name]
-        line: dict[str, Any] = {"dataset": recipe.dataset, "split": data.split}
-        if recipe.dataset == "university1652":
-            line["direction"] = task.name
-        line.update(
-            {"queries": m["queries"], "references": m["references"],
-             "world_size": context.world_size}
-        )  # fmt: skip
-        line.update({k: round(m[k], 2) for k in ("R@1", "R@5", "R@10", "R@1%", "AP") if k in m})
-        if baseline.get(task.name) is not None:
-            log(
-                f"{task.name}: R@1 {m['R@1']:.2f}% (colour-histogram baseline: "
-                f"{baseline[task.name]:.2f}%)"
-            )
-            line["baseline_R@1"] = round(baseline[task.name], 2)
-        lines.append(line)
+    lines = [_result_line(recipe, data.split, task, metrics, baseline, context, log)
+             for task in data.tasks]  # fmt: skip
     log(f"done in {time.perf_counter() - start:.1f} s")
     if context.is_main:
         for line in lines:
             print(json.dumps(line), flush=True)
     return lines
+
+
+def _result_line(recipe, split, task, metrics, baseline, context, log) -> dict[str, Any]:
+    """One task's JSON line (and, for a demo, its baseline's log line)."""
+    m = metrics[task.name]
+    line: dict[str, Any] = {"dataset": recipe.dataset, "split": split}
+    if recipe.dataset == "university1652":
+        line["direction"] = task.name
+    line.update(
+        {"queries": m["queries"], "references": m["references"], "world_size": context.world_size}
+    )
+    line.update({k: round(m[k], 2) for k in ("R@1", "R@5", "R@10", "R@1%", "AP") if k in m})
+    if baseline.get(task.name) is not None:
+        log(
+            f"{task.name}: R@1 {m['R@1']:.2f}% (colour-histogram baseline: "
+            f"{baseline[task.name]:.2f}%)"
+        )
+        line["baseline_R@1"] = round(baseline[task.name], 2)
+    return line
 
 
 def _init(device: str, init_distributed):

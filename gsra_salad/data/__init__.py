@@ -8,6 +8,7 @@ torchvision. :func:`create_transform` builds a view's transform from the
 
 from .._input import InputConfig
 from . import synthetic
+from ._base import ImageSet
 from .cvact import CVACT
 from .cvusa import CVUSA
 from .geometry import haversine_m, nearest_neighbours, polar_transform, rotate_pair
@@ -29,6 +30,7 @@ __all__ = [
     "CVUSA",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ImageSet",
     "InputConfig",
     "NeighbourBatchSampler",
     "PairedAugmentation",

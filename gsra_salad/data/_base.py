@@ -137,9 +137,34 @@ class PairDataset(Dataset):
             reference = self.reference_transform(reference)
         return query, reference, int(self.labels[index])
 
+    def query_set(self) -> ImageSet:
+        """The queries as an evaluation set of ``(image, label)`` items: only the query image
+        is decoded, with ``query_transform`` (the pair transform is skipped).
+
+        Example:
+            >>> import tempfile
+            >>> from gsra_salad.data import CVUSA, synthetic
+            >>> root = synthetic.write_cvusa(tempfile.mkdtemp(), num_train=2, num_val=3,
+            ...                              tile_size=32, pano_size=(16, 64))
+            >>> side = CVUSA(root, "val").reference_set()
+            >>> image, label = side[0]
+            >>> len(side), tuple(image.shape), label == int(side.labels[0])
+            (3, (3, 32, 32), True)
+        """
+        return ImageSet(self.query_paths, self.labels, self.query_transform)
+
+    def reference_set(self) -> ImageSet:
+        """The references as an evaluation set of ``(image, label)`` items (see
+        :meth:`query_set`), e.g. the images to embed for hard-negative mining."""
+        return ImageSet(self.reference_paths, self.labels, self.reference_transform)
+
 
 class ImageSet(Dataset):
-    """(image, label) items for evaluation sets; ``labels`` lists every label."""
+    """(image, label) items for evaluation sets; ``labels`` lists every label.
+
+    The readers' evaluation sets (``University1652(split="test", view=...)``) and one side of a
+    pair dataset (:meth:`PairDataset.query_set`, :meth:`PairDataset.reference_set`) are these.
+    """
 
     def __init__(
         self, paths: Sequence[Path], labels: Sequence[int], transform: Transform | None = None

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from .._distributed import rank_and_world_size
 from .geometry import _check_finite_rows, nearest_neighbours
 
 __all__ = ["NeighbourBatchSampler", "UniqueLabelBatchSampler"]
@@ -32,12 +33,9 @@ __all__ = ["NeighbourBatchSampler", "UniqueLabelBatchSampler"]
 
 def _distributed(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     if num_replicas is None or rank is None:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
-            rank = dist.get_rank() if rank is None else rank
-        else:
-            num_replicas, rank = num_replicas or 1, rank or 0
+        group_rank, group_size = rank_and_world_size()
+        num_replicas = group_size if num_replicas is None else num_replicas
+        rank = group_rank if rank is None else rank
     if not 0 <= rank < num_replicas:
         raise ValueError(f"rank must be in [0, num_replicas = {num_replicas}), got {rank}")
     return num_replicas, rank

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from .._distributed import rank_and_world_size
+from .._precision import AUTOCAST_DTYPES, resolve_precision
+from .._progress import progress_bar
 
 __all__ = ["embed"]
 
@@ -37,23 +40,6 @@ def _eval_mode(modules: list[nn.Module]) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.train(training)
-
-
-def _progress(iterable, enabled: bool, total: int):
-    if not enabled:
-        return iterable
-    try:
-        tqdm = importlib.import_module("tqdm.auto").tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc="embed", leave=False)
-
-
-def _world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _split_item(batch: Any) -> tuple[Tensor, Tensor]:
@@ -88,7 +74,12 @@ def _label_tensor(labels: Any) -> Tensor:
     return t
 
 
-def _autocast(device: torch.device, amp: bool | torch.dtype | None):
+def _autocast(device: torch.device, amp: bool | torch.dtype | None, precision: str | None):
+    if precision is not None:
+        if amp is not None:
+            raise ValueError("embed: give precision= or amp=, not both")
+        concrete = resolve_precision(precision, device)
+        amp = None if concrete == "fp32" else AUTOCAST_DTYPES[concrete]
     if amp is None or amp is False:
         return contextlib.nullcontext()
     if amp is True:
@@ -105,6 +96,7 @@ def embed(
     batch_size: int = 64,
     device: torch.device | str | None = None,
     amp: bool | torch.dtype | None = None,
+    precision: str | None = None,
     progress: bool = True,
     num_workers: int = 0,
     dtype: torch.dtype = torch.float32,
@@ -132,6 +124,9 @@ def embed(
         device: where images are sent; default: the module's device (CPU for other callables).
         amp: ``None``/``False`` (no autocast), ``True`` (autocast with the device type's default
             dtype) or a dtype such as ``torch.bfloat16``.
+        precision: the training vocabulary instead of ``amp``: ``"fp32"``, ``"bf16"``,
+            ``"fp16"``, ``"amp"`` or ``"auto"`` (as ``TrainConfig.precision``; see
+            :mod:`gsra_salad.training.precision`).
         progress: show a progress bar (needs tqdm).
         num_workers: DataLoader workers when a dataset is given.
         dtype: floating dtype of the returned descriptors (float16 halves their memory).
@@ -165,7 +160,7 @@ def embed(
         params = [p for m in modules for p in m.parameters()]
         device = params[0].device if params else torch.device("cpu")
     device = torch.device(device)
-    rank, world = _world()
+    rank, world = rank_and_world_size()
 
     if isinstance(dataset_or_loader, DataLoader):
         dataset = dataset_or_loader.dataset
@@ -199,10 +194,12 @@ def embed(
     descriptors: list[Tensor] = []
     labels: list[Tensor] = []
     with _eval_mode(modules), torch.inference_mode():
-        for batch in _progress(loader, progress and rank == 0, total=len(loader)):
+        for batch in progress_bar(
+            loader, total=len(loader), enabled=progress and rank == 0, desc="embed"
+        ):
             images, batch_labels = _split_item(batch)
             images = images.to(device, non_blocking=True)
-            with _autocast(device, amp):
+            with _autocast(device, amp, precision):
                 out = model_or_callable(images)
             if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != len(images):
                 raise ValueError(

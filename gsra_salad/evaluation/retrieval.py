@@ -167,6 +167,7 @@ def evaluate_retrieval(
     chunk_size: int | None = None,
     backend: Literal["torch", "faiss"] = "torch",
     ties: Literal["pessimistic", "optimistic"] = "pessimistic",
+    clip_ks: bool = False,
 ) -> dict[str, float]:
     """Retrieval metrics of cross-view geo-localisation, streamed in query chunks.
 
@@ -206,7 +207,10 @@ def evaluate_retrieval(
         reference_descriptors: (R, D) float tensor on the same device.
         query_labels: (Q,) integer location ids.
         reference_labels: (R,) integer location ids; -1 marks junk (``university1652``).
-        ks: the cut-offs k of ``R@k``, each in [1, R].
+        ks: the cut-offs k of ``R@k``, each in [1, R] (R: the gallery after junk removal).
+        clip_ks: accept ks beyond the gallery: ``R@k`` for k >= R is then ``R@R`` (every match
+            is in the top k), under the requested key (a 3-image gallery reports ``R@5`` and
+            ``R@10``); otherwise such a k is an error.
         protocol: ``"cvusa"`` or ``"university1652"``.
         distractors: ``"keep"`` (official) or ``"drop"`` (``university1652`` only).
         query_positions: optional (Q, 2) positions of the queries, to report the localisation
@@ -296,6 +300,9 @@ def evaluate_retrieval(
 
     kept = _kept_references(q_labels, r_labels, protocol, distractors, owner)
     num_kept = int(kept.sum())
+    requested = tuple(ks)
+    if clip_ks:
+        ks = tuple(min(k, num_kept) if isinstance(k, int) and k >= 1 else k for k in requested)
     ks = _check_ks(ks, num_kept, owner)
     true_index, counts = true_match_indices(q_labels, r_labels, kept)
     if protocol == "cvusa":
@@ -319,7 +326,7 @@ def evaluate_retrieval(
 
     if not constant:
         _warn_if_tied(positions.tied, ties, owner)
-    result = {f"R@{k}": recall_at_k(positions.first, k) for k in ks}
+    result = {f"R@{r}": recall_at_k(positions.first, k) for r, k in zip(requested, ks)}
     result["R@1%"] = recall_at_k(positions.first, max(1, num_kept // 100))
     if need_true:
         result["AP"] = 100.0 * float(average_precision(positions.true).mean())

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .._input import InputConfig
-from ..training import PairView, RetrievalTask, TrainData
+from ..training import RetrievalTask, TrainData
 from ._recipe import Recipe
 
 __all__ = ["RunData", "build_loss", "build_model", "load_data", "write_demo"]
@@ -265,7 +265,9 @@ def _per_item(recipe: Recipe, root, inputs, train: bool):
         query_transform=evaluation["query"],
         reference_transform=evaluation["reference"],
     )
-    tasks = [RetrievalTask(recipe.split, PairView(evaluation_set, 0), PairView(evaluation_set, 1))]
+    tasks = [
+        RetrievalTask(recipe.split, evaluation_set.query_set(), evaluation_set.reference_set())
+    ]
     if not train:
         return tasks, None, None
     pairs = reader(
@@ -275,4 +277,4 @@ def _per_item(recipe: Recipe, root, inputs, train: bool):
         reference_transform=create_transform(inputs, "reference", train=True, normalize=False),
     )
     plain = reader(root, "train", reference_transform=evaluation["reference"])
-    return tasks, pairs, PairView(plain, 1)
+    return tasks, pairs, plain.reference_set()

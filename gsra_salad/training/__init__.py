@@ -52,7 +52,6 @@ from .distributed import (
 )
 from .loop import (
     FitResult,
-    PairView,
     RetrievalTask,
     TrainData,
     TrainStep,
@@ -75,7 +74,6 @@ __all__ = [
     "CheckpointError",
     "DistributedContext",
     "FitResult",
-    "PairView",
     "ResumeError",
     "RetrievalTask",
     "TrainConfig",

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .._distributed import rank_and_world_size
+
 __all__ = [
     "DistributedContext",
     "barrier",
@@ -90,7 +92,7 @@ def init_distributed(device: str | torch.device | None = None) -> DistributedCon
         dist.init_process_group(backend=backend)
         logger.info("joined a %s process group: rank %d of %d", backend, rank, world_size)
     elif dist.is_available() and dist.is_initialized():
-        rank, world_size = dist.get_rank(), dist.get_world_size()
+        rank, world_size = rank_and_world_size()
     return DistributedContext(rank, world_size, local_rank, device)
 
 
@@ -101,12 +103,9 @@ def get_context(device: str | torch.device | None = None) -> DistributedContext:
         >>> get_context("cpu").rank
         0
     """
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_available() and dist.is_initialized():
-        return DistributedContext(
-            dist.get_rank(), dist.get_world_size(), local_rank, _default_device(device, local_rank)
-        )
-    return DistributedContext(0, 1, 0, _default_device(device, 0))
+    rank, world_size = rank_and_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
+    return DistributedContext(rank, world_size, local_rank, _default_device(device, local_rank))
 
 
 def cleanup_distributed() -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._progress import progress_bar
 from ..data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -36,7 +37,6 @@ from ..data import (
     PreloadedPairs,
     UniqueLabelBatchSampler,
 )
-from ..data._base import load_rgb
 from ..data.preload import normalize
 from ..evaluation import embed, evaluate_retrieval
 from . import checkpoint as ckpt
@@ -44,12 +44,11 @@ from .callbacks import Callback, CallbackList
 from .config import ResumeError, TrainConfig, resume_changes
 from .distributed import DistributedContext, barrier, get_context
 from .optim import WarmupSchedule, build_optimizer, build_scheduler, clip_gradients
-from .precision import AUTOCAST_DTYPES, autocast, grad_scaler, resolve_precision
+from .precision import autocast, grad_scaler, resolve_precision
 from .state import TrainState, seed_everything
 
 __all__ = [
     "FitResult",
-    "PairView",
     "RetrievalTask",
     "TrainData",
     "TrainStep",
@@ -125,41 +124,6 @@ class TrainData:
     mining_set: Dataset | None = None
 
 
-class PairView(Dataset):
-    """``(image, label)`` items of one side of a pair dataset (``view=0`` query, ``1`` reference).
-
-    For the library's pair datasets (which list ``query_paths`` / ``reference_paths``) only that
-    side's image is decoded, with that side's transform (the pair transform is skipped); for any
-    other dataset of ``(query, reference, label)`` items the item is built and one side kept.
-
-    Example:
-        >>> pairs = [(torch.zeros(1), torch.ones(1), 7)]
-        >>> PairView(pairs, 1)[0]
-        (tensor([1.]), 7)
-    """
-
-    def __init__(self, pairs: Dataset, view: int) -> None:
-        if view not in (0, 1):
-            raise ValueError(f"view must be 0 (query) or 1 (reference), got {view!r}")
-        self.pairs, self.view = pairs, view
-        side = "query" if view == 0 else "reference"
-        self._paths = getattr(pairs, f"{side}_paths", None)
-        self._transform = getattr(pairs, f"{side}_transform", None)
-        self.labels = getattr(pairs, "labels", None)
-
-    def __len__(self) -> int:
-        return len(self.pairs)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        if self._paths is not None and self.labels is not None:
-            image = load_rgb(self._paths[index])
-            if self._transform is not None:
-                image = self._transform(image)
-            return image, int(self.labels[index])
-        item = self.pairs[index]
-        return item[self.view], int(item[2])
-
-
 class TrainStep(nn.Module):
     """The model and the loss in one module: ``(query, reference, labels) -> loss``, so that
     DistributedDataParallel synchronises the loss's learnable temperature too. The loss runs in
@@ -196,16 +160,6 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _progress(iterable, total: int, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
 # -- one epoch ---------------------------------------------------------------------------------
 
 
@@ -235,7 +189,8 @@ def train_one_epoch(
     module.train()
     batches, images = 0, 0
     start = time.perf_counter()
-    bar = _progress(loader, len(loader), config.progress and context.is_main, f"epoch {epoch + 1}")
+    enabled = config.progress and context.is_main
+    bar = progress_bar(loader, total=len(loader), enabled=enabled, desc=f"epoch {epoch + 1}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     total = torch.zeros((), device=device)  # summed on the device: no sync every step
     check_every = 1 if device.type == "cpu" else _CHECK_EVERY  # a sync is free on CPU
@@ -304,13 +259,12 @@ def _embed(
 ) -> tuple[Tensor, Tensor]:
     """(N, D) descriptors (CPU) and (N,) labels of ``dataset`` through ``model.embed(view=)``;
     under a process group every rank embeds its share and gets all of them, in order."""
-    precision = resolve_precision(config.precision, context.device)
     descriptors, labels = embed(
         functools.partial(model.embed, view=view),
         dataset,
         batch_size=config.eval_batch_size,
         device=context.device,
-        amp=None if precision == "fp32" else AUTOCAST_DTYPES[precision],
+        precision=config.precision,
         progress=config.progress and context.is_main,
         num_workers=config.workers,
     )
@@ -318,13 +272,6 @@ def _embed(
 
 
 RECALL_KS = (1, 5, 10)
-
-
-def _beyond(key: str, gallery: int) -> bool:
-    """A clipped R@k key that is not one of RECALL_KS (e.g. R@3 on a gallery of 3)."""
-    if not key.startswith("R@") or key == "R@1%":
-        return False
-    return int(key[2:]) not in RECALL_KS and int(key[2:]) >= gallery
 
 
 def evaluate(
@@ -352,8 +299,6 @@ def evaluate(
         for task in tasks:
             q, ql = _embed(model, task.queries, task.query_view, config, context)
             r, rl = _embed(model, task.references, task.reference_view, config, context)
-            # R@k for k beyond the gallery equals R@(gallery size): every match is in the top k
-            ks = {k: min(k, len(r)) for k in RECALL_KS}
             positions = {}
             if task.query_positions is not None:
                 positions = {
@@ -362,12 +307,11 @@ def evaluate(
                     "position_metric": task.position_metric,
                 }
             metrics = evaluate_retrieval(
-                q, r, ql, rl, ks=tuple(sorted(set(ks.values()))), protocol=task.protocol,
+                q, r, ql, rl, ks=RECALL_KS, clip_ks=True, protocol=task.protocol,
                 distractors=task.distractors, **positions,
             )  # fmt: skip
-            metrics.update({f"R@{k}": metrics[f"R@{clipped}"] for k, clipped in ks.items()})
             results[task.name] = {
-                **{k: float(v) for k, v in metrics.items() if not _beyond(k, len(r))},
+                **{k: float(v) for k, v in metrics.items()},
                 "queries": len(q),
                 "references": len(r),
             }
