@@ -214,6 +214,7 @@ def test_a_corrupted_last_is_named_not_restarted(capsys, demo_run, tmp_path):
         (["--clip-value", "0"], "--clip-value must be > 0"),
         (["--seed", "-5"], "--seed must be >= 0"),
         (["--device", "tpu"], "--device tpu"),
+        (["--device", "cuda:7"], "--device cuda:7"),
         (["--grad-checkpointing"], "grad_checkpointing=True: this model does not support"),
         (["--eval-only"], "--eval-only needs --checkpoint"),
         (["--resume", "--overwrite"], "exclude each other"),
@@ -238,3 +239,22 @@ def test_clip_value_none_turns_clipping_off(capsys):
     args = parser.parse_args(["--demo"])
     args.dataset = "cvusa"
     assert resolve_recipe(args).train.clip_value == 100.0
+
+
+def test_stale_demo_data_of_killed_runs_is_removed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    from gsra_salad.cli import _train
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    stale = tmp_path / f"gsra_salad_demo_{dead}_abc"
+    alive = tmp_path / f"gsra_salad_demo_{__import__('os').getpid()}_def"
+    other = tmp_path / "gsra_salad_demo_unrelated"
+    for folder in (stale, alive, other):
+        folder.mkdir()
+    _train._clean_stale_demos()
+    assert not stale.exists() and alive.exists() and other.exists()

@@ -217,3 +217,34 @@ def test_custom_models_doc_snippets_run(tmp_path):
     assert torch.allclose(namespace["descriptors"].norm(dim=1), torch.ones(4), atol=1e-5)
     assert set(namespace["result"].metrics["val"]) >= {"R@1", "queries", "references"}
     assert (Path(namespace["config"].output_dir) / "last" / "model_state.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "word"),
+    [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
+)
+def test_a_stopped_demo_removes_its_data_and_says_how_to_continue(tmp_path, sig, code, word):
+    import tempfile
+
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "train_cvusa.py"), "--demo", *TINY, "--epochs", "50",
+         "--output-dir", str(tmp_path / "run")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
+    )  # fmt: skip
+    pattern = f"gsra_salad_demo_{process.pid}_*"
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "run" / "last" / "training_state.pt").exists():
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert list(Path(tempfile.gettempdir()).glob(pattern))  # the demo's data, in use
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == code, stderr
+    assert not list(Path(tempfile.gettempdir()).glob(pattern))  # removed on the way out
+    assert "Traceback" not in stderr  # the log lines, then one line that says how to go on
+    last = stderr.strip().splitlines()[-1]
+    assert word in last and "--resume" in last, stderr
