@@ -454,6 +454,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         with contextlib.ExitStack() as stack:
             seed_everything(config.seed)
             model = _load_model(args, recipe)
+            recipe = dataclasses.replace(  # a checkpoint's own inputs win: record them
+                recipe,
+                query_input=model.input_config["query"],
+                reference_input=model.input_config["reference"],
+            )
             if args.demo:
                 root = _demo_root(recipe, config.seed, context, stack)
                 log(
