@@ -65,6 +65,10 @@ class GalleryIndex:
             :func:`~gsra_salad.evaluation.geodesic_distance`.
         fingerprint: the fingerprint of the model that computed the descriptors, or ``None``.
 
+    Attributes:
+        info: free JSON-serialisable notes saved with the index (the command line records
+            the checkpoint and the tiles' folder there).
+
     Shape:
         - descriptors: (N, D); positions: (N, 2)
 
@@ -94,6 +98,7 @@ class GalleryIndex:
         self._fingerprint = fingerprint
         self._spacing: float | None = None
         self._faiss: dict[str, Any] = {}
+        self.info: dict[str, Any] = {}
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -530,6 +535,7 @@ class GalleryIndex:
             "fingerprint": self._fingerprint,
             "tile_spacing_m": self._spacing,
             "approximate": None if approx is None else approx.params,
+            "info": self.info,
         }
         (directory / "meta.json").write_text(json.dumps(meta, indent=2))
 
@@ -694,6 +700,7 @@ def _load(cls: type[GalleryIndex], directory: Path, mmap: bool) -> GalleryIndex:
     index._fingerprint = meta.get("fingerprint")
     index._spacing = meta.get("tile_spacing_m")
     index._faiss = {}
+    index.info = dict(meta.get("info") or {})
     if meta.get("approximate") and (directory / f"{_APPROX}.faiss").is_file():
         try:
             index._faiss[_APPROX] = _backends.read_ivf(
