@@ -27,6 +27,8 @@ MODULES = [
     "gsra_salad.losses",
     "gsra_salad.evaluation",
     "gsra_salad.training",
+    "gsra_salad.localization",
+    "gsra_salad.localization.cli",
 ]
 
 

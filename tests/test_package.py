@@ -93,7 +93,10 @@ def test_losses_and_evaluation_import_no_model_code():
 
 
 def test_library_code_never_prints():
+    # command-line modules are the exception: what they print is the command's output
     for path in PACKAGE.rglob("*.py"):
+        if path.name in ("cli.py", "__main__.py"):
+            continue
         tree = ast.parse(path.read_text())
         calls = [
             n for n in ast.walk(tree)
