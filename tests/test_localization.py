@@ -330,6 +330,14 @@ def test_estimates_and_confidence():
     w = torch.exp((torch.tensor([0.9, 0.8, 0.6], dtype=torch.float64) - 0.9) / 0.1)
     expected = (float(w[1] * 20.0 / w.sum()), float(w[2] * 10.0 / w.sum()))
     assert weighted[0].tolist() == pytest.approx(expected)
+    # default: margin weights, score - 0.7 (the best elsewhere) for tiles within the radius
+    margin, _ = estimate_position(scores, positions, "euclidean", radius_m=50)
+    w = torch.tensor([0.2, 0.1, 0.0], dtype=torch.float64)  # the 0.6 tile scores below 0.7
+    assert margin[0].tolist() == pytest.approx([float(w[1] * 20.0 / w.sum()), 0.0])
+    # row 1, nobody far: weights against the last candidate, 0.87
+    w = torch.tensor([0.03, 0.02, 0.01, 0.0], dtype=torch.float64)
+    assert margin[1].tolist() == pytest.approx([float((w[1] * 5) / w.sum()),
+                                                float((w[2] * 5) / w.sum())])  # fmt: skip
     with pytest.raises(ValueError, match="estimate must be one of"):
         estimate_position(scores, positions, "euclidean", radius_m=50, estimate="mean")
 

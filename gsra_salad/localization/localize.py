@@ -99,17 +99,20 @@ def estimate_position(
     *,
     radius_m: float,
     estimate: Literal["weighted", "top1"] = "weighted",
-    temperature: float = 0.02,
+    temperature: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Positions and confidences from each query's ranked candidate tiles.
 
-    - ``"top1"``: the best tile's position.
-    - ``"weighted"``: the mean position of the candidates within ``radius_m`` of the best
-      tile, weighted by ``exp((score - best score) / temperature)`` (a softmax of the scores).
-      Averaging is done on the positions as given (degrees or metres): fine at tile scales.
+    The confidence is the margin ``best score - s_far``, where ``s_far`` is the best score of
+    a candidate farther than ``radius_m`` from the best tile (with none that far: the last
+    candidate's score, and the margin is a lower bound).
 
-    The confidence is ``best score - the best score of a candidate farther than radius_m``
-    from the best tile (with none that far: ``best - last candidate's score``).
+    - ``"top1"``: the best tile's position.
+    - ``"weighted"``: the weighted mean position of the candidates within ``radius_m`` of the
+      best tile. With ``temperature=None`` (default) a tile weighs ``score - s_far`` (at least
+      0): how much better it matches than the best place elsewhere, free of the scores'
+      scale. With a temperature, it weighs ``exp((score - best) / temperature)``. Positions
+      are averaged as given (degrees or metres): fine at the scale of tiles.
 
     Args:
         scores: (Q, C) candidate scores, descending.
@@ -117,7 +120,7 @@ def estimate_position(
         metric: ``"haversine"`` or ``"euclidean"``.
         radius_m: radius around the best tile, in metres.
         estimate: ``"weighted"`` or ``"top1"``.
-        temperature: of the score weights.
+        temperature: ``None`` for margin weights, or the temperature of softmax weights.
 
     Returns:
         ``(positions (Q, 2) float64, confidences (Q,) float32)``.
@@ -128,10 +131,12 @@ def estimate_position(
         >>> pos, conf = estimate_position(s, p, "euclidean", radius_m=50.0)
         >>> pos.tolist(), round(conf.item(), 3)
         ([[5.0, 0.0]], 0.4)
+        >>> estimate_position(s, p, "euclidean", radius_m=50.0, estimate="top1")[0].tolist()
+        [[0.0, 0.0]]
     """
     if estimate not in ESTIMATES:
         raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
-    if temperature <= 0 or radius_m < 0:
+    if (temperature is not None and temperature <= 0) or radius_m < 0:
         raise ValueError("estimate_position: temperature must be > 0 and radius_m >= 0")
     q, c = scores.shape
     positions = positions.to(torch.float64)
@@ -140,10 +145,15 @@ def estimate_position(
     near = dist <= radius_m
     far_scores = scores.masked_fill(near, float("-inf")).max(1).values
     fallback = scores.masked_fill(~torch.isfinite(scores), float("inf")).min(1).values
-    confidence = scores[:, 0] - torch.where(torch.isfinite(far_scores), far_scores, fallback)
+    far = torch.where(torch.isfinite(far_scores), far_scores, fallback)
+    confidence = scores[:, 0] - far
     if estimate == "top1":
         return positions[:, 0].clone(), confidence.float()
-    weights = torch.exp((scores.double() - scores[:, :1].double()) / temperature) * near
+    if temperature is None:  # scale-free: how much better than the best elsewhere
+        weights = (scores.double() - far.double().unsqueeze(1)).clamp(min=0) * near
+        weights[:, 0] = weights[:, 0].clamp(min=1e-12)  # the best tile always counts
+    else:
+        weights = torch.exp((scores.double() - scores[:, :1].double()) / temperature) * near
     weights = weights / weights.sum(1, keepdim=True)
     return (weights.unsqueeze(2) * positions).sum(1), confidence.float()
 
@@ -173,7 +183,7 @@ def localize(
     *,
     estimate: Literal["weighted", "top1"] = "weighted",
     radius_m: float | None = None,
-    temperature: float = 0.02,
+    temperature: float | None = None,
     backend: Backend = "exact",
     transform: Callable[[Tensor], Tensor] | None = None,
     check_fingerprint: bool = True,
@@ -199,7 +209,8 @@ def localize(
         estimate: ``"weighted"`` or ``"top1"`` (see :func:`estimate_position`).
         radius_m: radius of the estimate and the confidence in metres; default: twice the
             gallery's tile spacing (:meth:`GalleryIndex.tile_spacing_m`).
-        temperature: of the weighted estimate's score softmax.
+        temperature: ``None`` (margin weights) or a softmax temperature, see
+            :func:`estimate_position`.
         backend: search backend of :meth:`GalleryIndex.search`.
         transform: preprocessing of one image.
         check_fingerprint: ``False`` skips the model check.
@@ -214,13 +225,13 @@ def localize(
         OSError: a photo that is missing or cannot be decoded (named).
 
     Example:
-        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8))
-        >>> tiles = torch.rand(5, 3, 2, 2)
+        >>> net = torch.nn.Flatten()  # one-hot images: unit descriptors
+        >>> tiles = torch.eye(12)[:5].view(5, 3, 2, 2)
         >>> index = GalleryIndex.build(net, TensorDataset(tiles, torch.arange(5)),
         ...     [[100.0 * i, 0.0] for i in range(5)], metric="euclidean", progress=False)
         >>> [r] = localize(net, index, tiles[[2]], k=3, progress=False)
-        >>> r.top[0].index, r.top[0].position, len(r.top)
-        (2, (200.0, 0.0), 3)
+        >>> r.top[0].index, r.top[0].score, r.position, len(r.top)
+        (2, 1.0, (200.0, 0.0), 3)
     """
     index.check_model(model, check_fingerprint=check_fingerprint)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(index):
@@ -241,7 +252,7 @@ def locate_descriptors(
     *,
     estimate: str = "weighted",
     radius_m: float | None = None,
-    temperature: float = 0.02,
+    temperature: float | None = None,
     backend: Backend = "exact",
     photos: Sequence[str] | None = None,
 ) -> list[Localization]:
