@@ -188,12 +188,15 @@ class Clustered:
     def chunk(self, start: int, count: int) -> torch.Tensor:
         return self.descriptors(self.codes(start, count), salt=2 * start + 1)
 
-    def queries(self, tiles: np.ndarray, chunk: int) -> torch.Tensor:
+    def queries(self, tiles: np.ndarray, chunk: int, n: int) -> torch.Tensor:
         """Queries near the given tiles (indices), regenerating each tile's code."""
-        codes = torch.stack([self.codes((t // chunk) * chunk, chunk)[t % chunk] for t in tiles])
+        codes = []
+        for t in tiles.tolist():
+            start = (t // chunk) * chunk
+            codes.append(self.codes(start, min(chunk, n - start))[t - start])
         g = torch.Generator().manual_seed(self.seed + 7)
-        codes = codes + 0.5 * torch.randn(codes.shape, generator=g)
-        return self.descriptors(codes, salt=self.seed + 11)
+        noisy = torch.stack(codes) + 0.5 * torch.randn(len(codes), LATENT, generator=g)
+        return self.descriptors(noisy, salt=self.seed + 11)
 
 
 def write_gallery(directory: Path, n: int, gen: Clustered, chunk: int) -> None:
@@ -222,19 +225,17 @@ def _rate(fn, queries: torch.Tensor, batch: int) -> tuple[float, torch.Tensor]:
     return len(queries) / (time.perf_counter() - start), ids
 
 
-SETTINGS = [  # (encoding, pca_dim, nprobe factor relative to the default)
-    ("sq8", 256, 1.0),
-    ("sq8", 256, 0.25),
-    ("pq", 256, 1.0),
-    ("flat", 256, 1.0),
-]
+SETTINGS = {  # (encoding, pca_dim, nprobe factor relative to the default); one build a pair
+    "backends": [("sq8", 256, 1.0), ("sq8", 256, 0.25), ("pq", 256, 1.0), ("flat", 256, 1.0)],
+    "large": [("sq8", 256, 0.5), ("sq8", 256, 1.0), ("sq8", 256, 2.0)],
+}
 
 
 def backends(index: GalleryIndex, gen: Clustered, chunk: int, args, part: str) -> list[dict]:
     rng = np.random.default_rng(1)
-    num_queries = args.queries
+    num_queries = args.queries if part == "backends" else args.large_queries
     tiles = np.sort(rng.choice(len(index), size=num_queries, replace=False))
-    queries = gen.queries(tiles, chunk)
+    queries = gen.queries(tiles, chunk, len(index))
     start = time.perf_counter()
     exact_rate, exact = _rate(lambda q: index.search(q, k=1)[1][:, 0], queries, num_queries)
     exact_seconds = time.perf_counter() - start
@@ -260,9 +261,8 @@ def backends(index: GalleryIndex, gen: Clustered, chunk: int, args, part: str) -
 def _ivf_rows(index, queries, exact, args, part) -> list[dict]:
     rows = []
     built = None
-    for encoding, pca_dim, factor in SETTINGS[: 2 if args.quick else len(SETTINGS)]:
-        if part == "large" and encoding == "flat":
-            continue  # 1 GB a million tiles: over the RAM target with everything else
+    settings = SETTINGS[part][:2] if args.quick else SETTINGS[part]
+    for encoding, pca_dim, factor in settings:
         if built != (encoding, pca_dim):
             index._faiss.clear()
             start = time.perf_counter()
@@ -312,12 +312,14 @@ def main() -> None:
     p.add_argument("--tiles", type=int, default=20_000, help="tiles of the backends part")
     p.add_argument("--large", type=int, default=1_000_000, help="tiles of the large part")
     p.add_argument("--dim", type=int, default=8192)
-    p.add_argument("--queries", type=int, default=500, help="queries of the search parts")
+    p.add_argument("--queries", type=int, default=500, help="queries of the backends part")
+    p.add_argument("--large-queries", type=int, default=200, help="queries of the large part")
     p.add_argument("--parts", default="estimates,backends,large")
     p.add_argument("--tmp", default=os.environ.get("TMPDIR", "/tmp"), help="scratch directory")
     args = p.parse_args()
     if args.quick:
         args.tiles, args.large, args.dim, args.queries = 3000, 6000, 256, 64
+        args.large_queries = 64
     parts = args.parts.split(",")
     results: dict[str, list[dict]] = {}
     if "estimates" in parts:

@@ -103,12 +103,13 @@ def approximate_parameters(num_tiles: int, dim: int) -> dict[str, int]:
     """The default parameters of the ``faiss-ivf`` backend for a gallery of ``num_tiles``.
 
     - ``pca_dim = min(dim, 256)``;
-    - ``nlist``: the power of two nearest ``4 sqrt(N)``, at most ``N / 39`` (FAISS wants 39
+    - ``nlist``: the power of two nearest ``sqrt(N)``, at most ``N / 39`` (FAISS wants 39
       training points a cell), at least 1;
-    - ``nprobe = max(1, nlist // 32)`` (at least 16 where nlist allows): ~3 % of the cells;
-    - ``train_size = min(N, max(64 nlist, 20000))`` rows sampled for the PCA and k-means.
+    - ``nprobe = max(16, nlist // 32)``, at most nlist;
+    - ``train_size = min(N, max(64 nlist, 20000))`` tiles train the k-means, and
+      ``min(N, 16384)`` of them the PCA.
     """
-    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(num_tiles))))
+    nlist = 2 ** round(math.log2(max(1.0, math.sqrt(num_tiles))))
     nlist = int(max(1, min(nlist, num_tiles // 39)))
     return {
         "pca_dim": int(min(dim, 256)),
@@ -145,49 +146,56 @@ class IVFIndex:
         return torch.from_numpy(scores.astype(np.float32)), torch.from_numpy(ids)
 
 
-def _sample(parts: Sequence[np.ndarray], total: int, size: int, seed: int) -> np.ndarray:
+_PCA_TRAIN = 16384
+
+
+def _pca(parts, total: int, pca_dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and the top ``pca_dim`` principal directions (D, pca_dim) of a sample."""
+    dim = parts[0].shape[1]
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(total, size=size, replace=False))
-    return gather_rows(parts, chosen)
-
-
-def _pca(sample: np.ndarray, pca_dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    x = torch.from_numpy(sample)
+    chosen = np.sort(rng.choice(total, size=min(total, _PCA_TRAIN), replace=False))
+    x = torch.from_numpy(gather_rows(parts, chosen))
     mean = x.mean(0)
-    if pca_dim >= x.shape[1]:
-        return mean.numpy(), np.eye(x.shape[1], dtype=np.float32)
+    if pca_dim >= dim:
+        return mean.numpy(), np.eye(dim, dtype=np.float32)
     torch.manual_seed(seed)
-    q = min(pca_dim + 16, *x.shape)
-    _, _, v = torch.pca_lowrank(x - mean, q=q, center=False, niter=3)
+    _, _, v = torch.pca_lowrank(x - mean, q=min(pca_dim + 16, *x.shape), center=False, niter=3)
     return mean.numpy(), np.ascontiguousarray(v[:, :pca_dim].numpy())
+
+
+def _faiss_ivf(faiss, d: int, p: dict[str, Any]) -> Any:
+    quantizer = faiss.IndexFlatL2(d)
+    if p["encoding"] == "flat":
+        return faiss.IndexIVFFlat(quantizer, d, p["nlist"], faiss.METRIC_L2)
+    if p["encoding"] == "sq8":
+        qtype = faiss.ScalarQuantizer.QT_8bit
+        return faiss.IndexIVFScalarQuantizer(quantizer, d, p["nlist"], qtype, faiss.METRIC_L2)
+    p["pq_m"] = p.get("pq_m") or max(1, d // 8)
+    return faiss.IndexIVFPQ(quantizer, d, p["nlist"], p["pq_m"], 8, faiss.METRIC_L2)
 
 
 def build_ivf(
     parts: Sequence[np.ndarray], total: int, dim: int, *, encoding: str, seed: int, **params
 ) -> IVFIndex:
-    """Trains the PCA and the IVF on a sample of the gallery, then adds every tile."""
+    """PCA on a sample; one streamed pass projects every tile (kept as float16, N x pca_dim);
+    k-means on a sample of the projections; then every projection is added."""
     faiss = require("faiss", "faiss")
     p = {**approximate_parameters(total, dim), **{k: v for k, v in params.items() if v}}
     p["encoding"] = encoding
-    sample = _sample(parts, total, p["train_size"], seed)
-    mean, components = _pca(sample, p["pca_dim"], seed)
+    mean, components = _pca(parts, total, p["pca_dim"], seed)
     ivf = IVFIndex(mean, components, None, p)
     d = components.shape[1]
-    quantizer = faiss.IndexFlatL2(d)
-    if encoding == "flat":
-        index = faiss.IndexIVFFlat(quantizer, d, p["nlist"], faiss.METRIC_L2)
-    elif encoding == "sq8":
-        qtype = faiss.ScalarQuantizer.QT_8bit
-        index = faiss.IndexIVFScalarQuantizer(quantizer, d, p["nlist"], qtype, faiss.METRIC_L2)
-    else:
-        m = p.get("pq_m") or max(1, d // 8)
-        index = faiss.IndexIVFPQ(quantizer, d, p["nlist"], m, 8, faiss.METRIC_L2)
-        p["pq_m"] = m
+    projected = np.empty((total, d), dtype=np.float16)
+    for offset, block in iter_blocks(parts, block_rows(dim)):
+        projected[offset : offset + len(block)] = ivf.project(block)
+    index = _faiss_ivf(faiss, d, p)
     index.cp.seed = seed
-    index.train(ivf.project(sample))
-    del sample
-    for _, block in iter_blocks(parts, block_rows(dim)):
-        index.add(ivf.project(block))
+    rng = np.random.default_rng(seed + 1)
+    train = np.sort(rng.choice(total, size=min(total, p["train_size"]), replace=False))
+    index.train(np.ascontiguousarray(projected[train], dtype=np.float32))
+    step = max(1, 2**22 // d)
+    for start in range(0, total, step):
+        index.add(np.ascontiguousarray(projected[start : start + step], dtype=np.float32))
     ivf.index = index
     return ivf
 

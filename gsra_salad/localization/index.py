@@ -408,11 +408,12 @@ class GalleryIndex:
     ) -> dict[str, Any]:
         """Builds (or rebuilds) the ``faiss-ivf`` index: PCA, then an inverted file.
 
-        A sample of ``train_size`` tiles trains a PCA to ``pca_dim`` dimensions and the
-        ``nlist`` k-means cells; every tile is then projected and added, streamed from the
-        stored descriptors. The defaults come from the gallery size
+        A PCA to ``pca_dim`` dimensions is trained on up to 16,384 sampled tiles; one streamed
+        pass over the stored descriptors projects every tile (held as float16 while building:
+        N x pca_dim x 2 bytes); ``nlist`` k-means cells are trained on ``train_size`` of the
+        projections, then every projection is added. The defaults come from the gallery size
         (``docs/localization.md`` has the measurements behind them): ``pca_dim = min(D,
-        256)``, ``nlist`` = the power of two nearest 4 sqrt(N) (at most N / 39), ``nprobe =
+        256)``, ``nlist`` = the power of two nearest sqrt(N) (at most N / 39), ``nprobe =
         max(16, nlist / 32)`` capped at nlist, ``train_size = min(N, max(64 nlist, 20000))``.
 
         Args:
@@ -421,7 +422,7 @@ class GalleryIndex:
             pca_dim: projected dimension.
             nlist: number of inverted lists (k-means cells).
             nprobe: lists visited per query by default.
-            train_size: tiles sampled for training.
+            train_size: projected tiles sampled to train the k-means.
             seed: seed of the sample, the PCA and k-means.
 
         Returns:
