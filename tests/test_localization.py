@@ -167,7 +167,8 @@ def test_approximate_parameters_follow_the_gallery_size():
     p = backends.approximate_parameters(1_000_000, 8192)
     assert p == {"pca_dim": 256, "nlist": 1024, "nprobe": 32, "train_size": 65536}
     small = backends.approximate_parameters(100, 16)
-    assert small["nlist"] == 2  # at most N / 39 cells and small["pca_dim"] == 16 and small["train_size"] == 100
+    assert small["nlist"] == 2  # at most N / 39 cells
+    assert small["pca_dim"] == 16 and small["train_size"] == 100
 
 
 def test_the_approximate_index_is_saved_and_loaded(tmp_path):
