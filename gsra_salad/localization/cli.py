@@ -252,7 +252,8 @@ def run_index(args: argparse.Namespace) -> int:
         reference_image_size=args.image_size,
     )
     index.tile_spacing_m()  # computed once, saved
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    dist = torch.distributed
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if rank == 0:
         index.save(out)
         summary = {"index": str(out), "tiles": len(index), "dim": index.dim, "metric": metric}
