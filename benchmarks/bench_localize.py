@@ -162,11 +162,12 @@ class Clustered:
 
     A tile's latent code is one of ``CLUSTERS`` centres (N(0, 4 I) in ``LATENT`` dimensions)
     plus N(0, I); the descriptor is the code through a fixed random orthonormal (LATENT, D)
-    basis plus isotropic noise of the same total power, L2-normalised. A query is a tile's
-    code plus N(0, 0.25 I) through the same basis, with fresh noise. The noise of a row is the
+    basis plus isotropic noise of the same total power, L2-normalised. A tile's noise is the
     sum of two rows of a fixed Gaussian bank (4,096 x D) with random signs, over sqrt(2): cheap
-    (no D-dimensional sampling per tile) and still ~16 million distinct noise vectors. Chunk
-    ``i`` is a function of (seed, i) alone: the gallery is regenerated in any order.
+    (no D-dimensional sampling per tile). A query is a tile's code plus N(0, 0.25 I) through
+    the same basis, with fresh Gaussian noise (bank noise would correlate a query with every
+    tile sharing one of its bank rows). Chunk ``i`` is a function of (seed, i) alone: the
+    gallery is regenerated in any order.
     """
 
     BANK = 4096
@@ -184,12 +185,15 @@ class Clustered:
         members = torch.randint(0, CLUSTERS, (count,), generator=g)
         return self.centres[members] + torch.randn(count, LATENT, generator=g)
 
-    def descriptors(self, codes: torch.Tensor, salt: int) -> torch.Tensor:
+    def descriptors(self, codes: torch.Tensor, salt: int, fresh: bool = False) -> torch.Tensor:
         g = torch.Generator().manual_seed(salt)
-        pick = torch.randint(0, self.BANK, (2, len(codes)), generator=g)
-        signs = torch.randint(0, 2, (2, len(codes), 1), generator=g).float() * 2 - 1
         x = codes @ self.basis
-        x.add_(self.bank[pick[0]] * signs[0]).add_(self.bank[pick[1]] * signs[1])
+        if fresh:  # queries: independent Gaussian noise, uncorrelated with every tile's
+            x.add_(self.noise * torch.randn(x.shape, generator=g))
+        else:
+            pick = torch.randint(0, self.BANK, (2, len(codes)), generator=g)
+            signs = torch.randint(0, 2, (2, len(codes), 1), generator=g).float() * 2 - 1
+            x.add_(self.bank[pick[0]] * signs[0]).add_(self.bank[pick[1]] * signs[1])
         return x.div_(x.norm(dim=1, keepdim=True))
 
     def chunk(self, start: int, count: int) -> torch.Tensor:
@@ -203,7 +207,7 @@ class Clustered:
             codes.append(self.codes(start, min(chunk, n - start))[t - start])
         g = torch.Generator().manual_seed(self.seed + 7)
         noisy = torch.stack(codes) + 0.5 * torch.randn(len(codes), LATENT, generator=g)
-        return self.descriptors(noisy, salt=self.seed + 11)
+        return self.descriptors(noisy, salt=self.seed + 11, fresh=True)
 
 
 def write_gallery(directory: Path, n: int, gen: Clustered, chunk: int) -> None:

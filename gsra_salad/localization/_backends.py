@@ -131,16 +131,17 @@ class IVFIndex:
     def project(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray((x.astype(np.float32) - self.mean) @ self.components)
 
-    def search(self, parts, queries: Tensor, k: int, nprobe: int | None = None):
+    def search(self, parts, queries: Tensor, k: int, nprobe: int | None = None, rerank: int = 0):
+        """Top-k by exact scores among the approximate top ``max(k, rerank)`` candidates."""
         self.index.nprobe = int(nprobe or self.params["nprobe"])
         q = queries.detach().cpu().numpy().astype(np.float32)
-        _, ids = self.index.search(self.project(q), k)
+        _, ids = self.index.search(self.project(q), min(max(k, rerank), self.index.ntotal))
         ids = ids.astype(np.int64)
         missing = ids < 0  # fewer than k candidates in the visited cells
         rows = gather_rows(parts, np.where(missing, 0, ids))
         scores = np.einsum("qkd,qd->qk", rows, q)
         scores[missing] = -np.inf
-        order = np.argsort(-scores, axis=1, kind="stable")
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         scores = np.take_along_axis(scores, order, 1)
         ids = np.take_along_axis(ids, order, 1)
         return torch.from_numpy(scores.astype(np.float32)), torch.from_numpy(ids)

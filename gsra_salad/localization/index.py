@@ -357,6 +357,7 @@ class GalleryIndex:
         *,
         backend: Backend = "exact",
         nprobe: int | None = None,
+        rerank: int = 0,
     ) -> tuple[Tensor, Tensor]:
         """The ``k`` most similar tiles of each query (inner product).
 
@@ -369,6 +370,8 @@ class GalleryIndex:
                 :meth:`build_approximate`'s defaults unless built before).
             nprobe: ``faiss-ivf`` only: inverted lists visited per query (default: the one
                 chosen at build time).
+            rerank: ``faiss-ivf`` only: re-score the approximate top ``max(k, rerank)``
+                exactly (from the stored descriptors) and keep the best k; 0: the top k.
 
         Returns:
             ``(scores (Q, k) float32, indices (Q, k) int64)``, most similar first. With
@@ -394,7 +397,7 @@ class GalleryIndex:
             return _backends.faiss_search(self._faiss["flat"], queries, k)
         if _APPROX not in self._faiss:
             self.build_approximate()
-        return self._faiss[_APPROX].search(self._parts, queries, k, nprobe)
+        return self._faiss[_APPROX].search(self._parts, queries, k, nprobe, rerank)
 
     def build_approximate(
         self,
