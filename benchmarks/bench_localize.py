@@ -266,6 +266,8 @@ def backends(index: GalleryIndex, gen: Clustered, chunk: int, args, part: str) -
                      "top1_agreement": float((ids == exact).float().mean())})  # fmt: skip
         index._faiss.pop("flat", None)
     rows += _ivf_rows(index, queries, exact, args, part)
+    if args.hnsw and part == "backends":
+        rows.append(_hnsw_row(index, queries, exact, part))
     return rows
 
 
@@ -300,6 +302,34 @@ def _ivf_rows(index, queries, exact, args, part) -> list[dict]:
     return rows
 
 
+def _hnsw_row(index: GalleryIndex, queries, exact, part: str) -> dict:
+    """HNSW (32 links, efSearch 64) on the same PCA projections, for the choice of backend:
+    measured, not offered as a backend."""
+    import faiss
+
+    from gsra_salad.localization._backends import block_rows, iter_blocks
+
+    ivf = index._faiss["approximate"]
+    start = time.perf_counter()
+    hnsw = faiss.IndexHNSWFlat(ivf.components.shape[1], 32)
+    for _, block in iter_blocks(index._parts, block_rows(index.dim)):
+        hnsw.add(ivf.project(block))
+    build = time.perf_counter() - start
+    hnsw.hnsw.efSearch = 64
+
+    def top1(q):
+        return torch.from_numpy(hnsw.search(ivf.project(q.numpy()), 1)[1][:, 0].astype(np.int64))
+
+    rate, ids = _rate(top1, queries, 64)
+    links = hnsw.hnsw.neighbors.size() * 4
+    return {
+        "part": part, "backend": "hnsw32 flat pca256 efSearch64 (measured only)",
+        "tiles": len(index), "build_s": build + 0.0,
+        "index_bytes": int(4 * hnsw.ntotal * hnsw.d + links),
+        "queries_per_s": rate, "top1_agreement": float((ids == exact).float().mean()),
+    }  # fmt: skip
+
+
 def gallery_part(n: int, dim: int, args, part: str) -> list[dict]:
     gen = Clustered(dim, seed=3)
     chunk = 2048
@@ -326,10 +356,11 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=500, help="queries of the backends part")
     p.add_argument("--large-queries", type=int, default=200, help="queries of the large part")
     p.add_argument("--parts", default="estimates,backends,large")
+    p.add_argument("--hnsw", action="store_true", help="also measure HNSW (backends part)")
     p.add_argument("--tmp", default=os.environ.get("TMPDIR", "/tmp"), help="scratch directory")
     args = p.parse_args()
     if args.quick:
-        args.tiles, args.large, args.dim, args.queries = 3000, 6000, 256, 64
+        args.tiles, args.large, args.dim, args.queries = 2000, 4000, 256, 64
         args.large_queries = 64
     parts = args.parts.split(",")
     results: dict[str, list[dict]] = {}

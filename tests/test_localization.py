@@ -160,6 +160,11 @@ def test_faiss_backends_agree_with_exact():
     scores, approx = index.search(queries, k=5, backend="faiss-ivf")
     assert (approx[:, 0] == exact[:, 0]).float().mean() >= 0.9
     assert (scores[:, :-1] >= scores[:, 1:]).all()  # exact re-scoring, in order
+    exact_scores = (queries @ gallery.half().float().T).gather(1, approx)
+    torch.testing.assert_close(scores, exact_scores)
+    _, reranked = index.search(queries, k=5, backend="faiss-ivf", rerank=64)
+    agreement = (approx[:, 0] == exact[:, 0]).float().mean()
+    assert (reranked[:, 0] == exact[:, 0]).float().mean() >= agreement
     assert index.nbytes()["approximate"] > 0
 
 
@@ -489,6 +494,21 @@ def test_index_names_bad_csv_rows_and_writes_nothing(region, tmp_path, capsys, r
     captured = capsys.readouterr()
     assert message in captured.err and len(captured.err.strip().splitlines()) == 1
     assert not (tmp_path / "ix").exists()
+
+
+def test_index_can_build_the_approximate_index_too(region, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    root, checkpoint = region
+    args = index_args("--checkpoint", checkpoint, "--tiles", root / "tiles.csv", "--out",
+                      tmp_path / "ix", "--image-size", 32, "--approximate")  # fmt: skip
+    assert run_index(args) == 0
+    assert (tmp_path / "ix" / "approximate.faiss").is_file()
+    photo = root / "queries" / "q0000.jpg"
+    args = locate_args("--index", tmp_path / "ix", photo, "--image-size", "16,64",
+                       "--backend", "faiss-ivf")  # fmt: skip
+    capsys.readouterr()
+    assert run_locate(args) == 0
+    assert json.loads(capsys.readouterr().out)["photo"] == str(photo)
 
 
 def test_index_names_missing_tiles_and_a_bad_checkpoint(region, tmp_path, capsys):

@@ -91,6 +91,11 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the index directory to write")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument(
+        "--approximate",
+        action="store_true",
+        help="also build and save the faiss-ivf index (for large galleries; the faiss extra)",
+    )
     _common(parser)
 
 
@@ -252,6 +257,11 @@ def run_index(args: argparse.Namespace) -> int:
         reference_image_size=args.image_size,
     )
     index.tile_spacing_m()  # computed once, saved
+    if args.approximate:
+        try:
+            index.build_approximate()
+        except ImportError as err:
+            return _fail("index", f"--approximate: {err}; nothing written")
     dist = torch.distributed
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if rank == 0:
