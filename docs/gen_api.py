@@ -28,6 +28,8 @@ MODULES = [
     "gsra_salad.evaluation",
     "gsra_salad.training",
     "gsra_salad.recipes",
+    "gsra_salad.localization",
+    "gsra_salad.localization.cli",
 ]
 
 

@@ -16,6 +16,10 @@ channel mix, noise). Matching by colour statistics alone therefore fails
 
 Everything is seeded: the same arguments write the same files.
 
+:func:`write_region` draws one large map instead, cuts it into overlapping tiles on a grid with
+known planar positions and takes panoramas at random points (a VIGOR-like region, for
+localisation in metres).
+
 Example:
     >>> import tempfile
     >>> from gsra_salad.data import CVUSA
@@ -45,6 +49,7 @@ __all__ = [
     "colour_histogram_descriptors",
     "write_cvact",
     "write_cvusa",
+    "write_region",
     "write_university1652",
 ]
 
@@ -374,3 +379,4 @@ def colour_histogram_descriptors(images: Tensor, bins: int = 8) -> Tensor:
 
 from ._synthetic_hard import HardSetting  # noqa: E402  (uses this module's helpers)
 from ._synthetic_hard import write_cvusa_hard as _write_cvusa_hard  # noqa: E402
+from ._synthetic_region import write_region  # noqa: E402  (one map, tiles, panoramas anywhere)

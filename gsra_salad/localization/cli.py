@@ -1,0 +1,422 @@
+"""The ``index`` and ``locate`` commands, as functions a command line wires up.
+
+``add_index_arguments(parser)`` / ``run_index(args)`` and ``add_locate_arguments(parser)`` /
+``run_locate(args)``: each ``add_*`` fills an ``argparse`` (sub)parser, each ``run_*`` takes the
+parsed namespace and returns the exit status. Their output is the command's output: ``locate``
+writes one JSON line per photo to stdout; problems go to stderr as one line each.
+
+Exit status: 0 when everything was answered; 1 when some photos could not be read (the others
+are answered, the failures counted); 2 for bad input that stops the command (a bad CSV, a
+missing checkpoint, an empty, corrupted or foreign index), with nothing written.
+
+Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="gsra-salad locate")
+    >>> add_locate_arguments(parser)
+    >>> args = parser.parse_args(["--index", "idx", "a.jpg", "b.jpg", "--k", "3"])
+    >>> [str(p) for p in args.photos], args.k
+    (['a.jpg', 'b.jpg'], 3)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data._base import load_rgb
+from ..evaluation import geodesic_distance, save_retrieval_grid
+from ..models import CrossViewGeoLocalizer
+from ._tiles import resolve_transform
+from .index import GalleryIndex
+from .localize import ESTIMATES, Localization, locate_descriptors
+
+__all__ = ["add_index_arguments", "add_locate_arguments", "run_index", "run_locate"]
+
+HEADERS = {("path", "lat", "lon"): "haversine", ("path", "x", "y"): "euclidean"}
+
+
+class CommandError(Exception):
+    """Bad input that stops a command: printed as one line, exit status 2."""
+
+
+def _size(text: str) -> int | tuple[int, int]:
+    parts = [int(p) for p in text.lower().replace("x", ",").split(",") if p]
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise argparse.ArgumentTypeError(f"expected N or H,W, got {text!r}")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    parser.add_argument(
+        "--image-size",
+        type=_size,
+        default=None,
+        help="resize images to N or H,W and normalise with ImageNet statistics (needs "
+        "torchvision); default: the model's recorded preprocessing",
+    )
+
+
+def add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``index`` command's arguments to ``parser``.
+
+    ``index --checkpoint DIR --tiles TILES.csv --out INDEX``: embeds the tiles listed in the
+    CSV (header ``path,lat,lon`` in degrees or ``path,x,y`` in planar metres; paths relative to
+    the CSV's folder) with the model saved in ``DIR`` (``save_pretrained``) and writes the
+    gallery index to ``INDEX``, atomically.
+
+    Args:
+        parser: an ``argparse.ArgumentParser`` or a subparser.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_index_arguments(p)
+        >>> p.parse_args(["--checkpoint", "ck", "--tiles", "t.csv", "--out", "ix"]).dtype
+        'float16'
+    """
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a save_pretrained dir")
+    parser.add_argument("--tiles", type=Path, required=True, help="CSV: path,lat,lon or path,x,y")
+    parser.add_argument("--out", type=Path, required=True, help="the index directory to write")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument(
+        "--approximate",
+        action="store_true",
+        help="also build and save the faiss-ivf index (for large galleries; the faiss extra)",
+    )
+    _common(parser)
+
+
+def add_locate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``locate`` command's arguments to ``parser``.
+
+    ``locate --index INDEX PHOTO... [--k 5] [--grid out.png] [--map out.png]``: one JSON line
+    per photo, ``{"photo", "lat"/"lon" or "x"/"y", "confidence", "top": [{"path", "score",
+    "lat"/"lon" or "x"/"y"}, ...]}`` (plus ``"error_m"`` with ``--truth``).
+
+    Args:
+        parser: an ``argparse.ArgumentParser`` or a subparser.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_locate_arguments(p)
+        >>> p.parse_args(["--index", "ix", "a.jpg"]).estimate
+        'weighted'
+    """
+    parser.add_argument("--index", type=Path, required=True, help="a gallery index directory")
+    parser.add_argument("photos", nargs="+", type=Path, metavar="PHOTO", help="photos to locate")
+    parser.add_argument("--k", type=int, default=5, help="tiles reported per photo (5)")
+    parser.add_argument("--grid", type=Path, help="PNG: each photo beside its top-k tiles")
+    parser.add_argument("--map", type=Path, help="PNG: footprint, top-k tiles and estimate")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="the model (default: the one recorded in the index)"
+    )
+    parser.add_argument("--estimate", choices=ESTIMATES, default="weighted")
+    parser.add_argument("--radius-m", type=float, help="default: twice the tile spacing")
+    parser.add_argument(
+        "--truth", type=Path, help="CSV of the photos' true positions (same header as tiles)"
+    )
+    parser.add_argument("--backend", choices=("exact", "faiss-exact", "faiss-ivf"), default="exact")
+    _common(parser)
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"gsra-salad {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def read_positions_csv(path: Path) -> tuple[list[str], np.ndarray, str]:
+    """Rows of a ``path,lat,lon`` / ``path,x,y`` CSV: (paths, (N, 2) positions, metric)."""
+    if not path.is_file():
+        raise CommandError(f"{path} not found")
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise CommandError(f"{path} cannot be read as CSV ({err})") from err
+    header = tuple(c.strip().lower() for c in rows[0]) if rows else ()
+    if header not in HEADERS:
+        raise CommandError(
+            f"{path}: the header must be 'path,lat,lon' (degrees) or 'path,x,y' (planar "
+            f"metres), got {','.join(header) or 'an empty file'!r}"
+        )
+    paths, positions, bad = [], [], []
+    for number, row in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in row):
+            continue
+        problem = _row_problem(row, header)
+        if problem:
+            bad.append(f"row {number}: {problem}")
+            continue
+        paths.append(row[0].strip())
+        positions.append((float(row[1]), float(row[2])))
+    if bad:
+        more = f" (and {len(bad) - 5} more bad rows)" if len(bad) > 5 else ""
+        raise CommandError(f"{path}: {'; '.join(bad[:5])}{more}")
+    if not paths:
+        raise CommandError(f"{path} lists no tiles")
+    return paths, np.asarray(positions, dtype=np.float64), HEADERS[header]
+
+
+def _row_problem(row: list[str], header: tuple[str, ...]) -> str | None:
+    if len(row) != 3:
+        return f"expected 3 fields ({','.join(header)}), got {len(row)}"
+    if not row[0].strip():
+        return "the path is empty"
+    for name, value in zip(header[1:], row[1:]):
+        if not value.strip():
+            return f"{name} is missing"
+        try:
+            number = float(value)
+        except ValueError:
+            return f"{name} {value.strip()!r} is not a number"
+        if not np.isfinite(number):
+            return f"{name} is {value.strip()}"
+    if header[1] == "lat" and (abs(float(row[1])) > 90 or abs(float(row[2])) > 180):
+        return "lat/lon out of range (|lat| <= 90, |lon| <= 180 degrees)"
+    return None
+
+
+def _occupied(out: Path) -> bool:
+    """True when ``out`` holds something other than a gallery index (never overwritten)."""
+    if not out.exists():
+        return False
+    return not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").is_file())
+
+
+def _load_model(checkpoint: Path) -> CrossViewGeoLocalizer:
+    try:
+        return CrossViewGeoLocalizer.from_pretrained(checkpoint)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CommandError(f"cannot load the model from {checkpoint}: {err}") from err
+
+
+def _transform(model: Any, view: str, image_size: Any, command: str) -> Any:
+    if image_size is not None:
+        from ..data import eval_transform
+
+        return eval_transform(image_size)
+    try:
+        return resolve_transform(model, view, None, command)
+    except (ValueError, ImportError, AttributeError) as err:
+        raise CommandError(f"{err}; or pass --image-size") from err
+
+
+def run_index(args: argparse.Namespace) -> int:
+    """Runs ``index`` (see :func:`add_index_arguments`); prints a one-line JSON summary.
+
+    Args:
+        args: the namespace parsed by a parser that :func:`add_index_arguments` filled.
+
+    Returns:
+        The exit status: 0, or 2 for bad input (one line on stderr, nothing written).
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_index_arguments(p)
+        >>> run_index(p.parse_args(["--checkpoint", "x", "--tiles", "missing.csv", "--out", "i"]))
+        2
+    """
+    try:
+        paths, positions, metric = read_positions_csv(args.tiles)
+        root = args.tiles.resolve().parent
+        missing = [p for p in paths if not (root / p).is_file()]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise CommandError(f"{len(missing)} tile image(s) not found: {missing[:3]}{more}")
+        out = args.out
+        if _occupied(out):
+            raise CommandError(f"{out} exists and is not a gallery index; choose another --out")
+        model = _load_model(args.checkpoint).to(args.device)
+        transform = _transform(model, "reference", args.image_size, "index")
+        dtype = torch.float16 if args.dtype == "float16" else torch.float32
+        index = GalleryIndex.build(
+            model, [root / p for p in paths], positions, metric=metric, paths=paths,
+            transform=transform, dtype=dtype, batch_size=args.batch_size,
+            progress=args.progress,
+        )  # fmt: skip
+    except CommandError as err:
+        return _fail("index", str(err))
+    except OSError as err:  # an undecodable tile
+        return _fail("index", f"{err}; nothing written")
+    index.info.update(
+        checkpoint=str(args.checkpoint.resolve()),
+        tiles_root=str(root),
+        reference_image_size=args.image_size,
+    )
+    index.tile_spacing_m()  # computed once, saved
+    if args.approximate:
+        try:
+            index.build_approximate()
+        except ImportError as err:
+            return _fail("index", f"--approximate: {err}; nothing written")
+    dist = torch.distributed
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank == 0:
+        index.save(out)
+        summary = {"index": str(out), "tiles": len(index), "dim": index.dim, "metric": metric}
+        print(json.dumps(summary))
+    return 0
+
+
+def _read_photos(paths: list[Path], transform: Any) -> tuple[list, list, list[str]]:
+    """Decoded photos (raw, transformed) and one error line per photo that failed."""
+    raw, ready, errors = [], [], []
+    for path in paths:
+        try:
+            image = load_rgb(path)
+            ready.append(transform(image))
+            raw.append(image)
+        except (OSError, ValueError) as err:
+            errors.append(f"cannot read photo {path}: {err}")
+            raw.append(None)
+            ready.append(None)
+    return raw, ready, errors
+
+
+def _truths(args: argparse.Namespace, metric: str) -> dict[str, tuple[float, float]]:
+    if args.truth is None:
+        return {}
+    paths, positions, truth_metric = read_positions_csv(args.truth)
+    if truth_metric != metric:
+        raise CommandError(f"{args.truth} holds {truth_metric} positions, the index {metric}")
+    root = args.truth.resolve().parent
+    return {str((root / p).resolve()): tuple(map(float, pos)) for p, pos in zip(paths, positions)}
+
+
+def _open_index(args: argparse.Namespace) -> tuple[GalleryIndex, CrossViewGeoLocalizer]:
+    try:
+        index = GalleryIndex.load(args.index)
+    except (OSError, ValueError) as err:
+        raise CommandError(str(err)) from err
+    checkpoint = args.checkpoint or index.info.get("checkpoint")
+    if checkpoint is None:
+        raise CommandError(f"{args.index} records no model; pass --checkpoint")
+    model = _load_model(Path(checkpoint)).to(args.device)
+    try:
+        index.check_model(model)
+    except ValueError as err:
+        raise CommandError(f"{args.index}: {err}") from err
+    return index, model
+
+
+def run_locate(args: argparse.Namespace) -> int:
+    """Runs ``locate`` (see :func:`add_locate_arguments`): one JSON line per photo on stdout.
+
+    Args:
+        args: the namespace parsed by a parser that :func:`add_locate_arguments` filled.
+
+    Returns:
+        The exit status: 0; 1 when some photos could not be read (each named on stderr, the
+        others answered, the count reported); 2 for bad input (nothing written).
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_locate_arguments(p)
+        >>> run_locate(p.parse_args(["--index", "no-such-index", "a.jpg"]))
+        2
+    """
+    if args.k < 1:
+        return _fail("locate", f"--k must be >= 1, got {args.k}")
+    try:
+        index, model = _open_index(args)
+        truths = _truths(args, index.metric)
+        transform = _transform(model, "query", args.image_size, "locate")
+    except CommandError as err:
+        return _fail("locate", str(err))
+    if args.k > len(index):
+        return _fail("locate", f"--k {args.k} exceeds the {len(index)} tiles of {args.index}")
+    raw, ready, errors = _read_photos(args.photos, transform)
+    for error in errors:
+        print(f"gsra-salad locate: {error}", file=sys.stderr)
+    good = [i for i, r in enumerate(ready) if r is not None]
+    results = _answer(args, index, model, [ready[i] for i in good], [args.photos[i] for i in good])
+    for result in results:
+        truth = truths.get(str(Path(result.photo).resolve())) if result.photo else None
+        if truth is not None:
+            error_m = geodesic_distance(
+                torch.tensor([result.position]), torch.tensor([truth]), index.metric
+            )
+            result.extra["error_m"] = float(error_m[0])
+        print(result.to_json())
+    if results:
+        try:
+            _pictures(args, index, results, [raw[i] for i in good], truths)
+        except OSError as err:  # a tile image of the grid went missing since indexing
+            return _fail("locate", f"{err}; the picture was not written")
+    if errors:
+        print(
+            f"gsra-salad locate: {len(errors)} of {len(args.photos)} photos failed", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+def _answer(args, index, model, images, photos) -> list[Localization]:
+    if not images:
+        return []
+    descriptors = []
+    with torch.inference_mode():
+        model.eval()
+        for start in range(0, len(images), args.batch_size):
+            batch = torch.stack(images[start : start + args.batch_size]).to(args.device)
+            descriptors.append(model.embed(batch, view="query").float().cpu())
+    return locate_descriptors(
+        index, torch.cat(descriptors), args.k, estimate=args.estimate, radius_m=args.radius_m,
+        backend=args.backend, photos=[str(p) for p in photos],
+    )  # fmt: skip
+
+
+def _atomic_png(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.png")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class _Tiles:
+    """The index's tile images, decoded on demand (for the grid)."""
+
+    def __init__(self, index: GalleryIndex) -> None:
+        self.root = Path(index.info.get("tiles_root", "."))
+        self.paths = index.paths
+
+    def __getitem__(self, i: int):
+        return load_rgb(self.root / self.paths[i])
+
+
+def _pictures(args, index, results, raw, truths) -> None:
+    from ._plot import save_map
+
+    truth = [truths.get(str(Path(r.photo).resolve())) for r in results]
+    if args.map is not None:
+        _atomic_png(args.map, lambda p: save_map(p, results, index.positions, index.metric, truth))
+    if args.grid is not None:
+        ranked = torch.tensor([[t.index for t in r.top] for r in results])
+        radius = index.tile_spacing_m()
+        near = torch.zeros(ranked.shape, dtype=torch.bool)
+        for i, (r, t) in enumerate(zip(results, truth)):
+            if t is not None:
+                pos = torch.tensor([m.position for m in r.top])
+                d = geodesic_distance(pos, torch.tensor([t]).expand_as(pos), index.metric)
+                near[i] = d <= radius
+        _atomic_png(
+            args.grid,
+            lambda p: save_retrieval_grid(p, raw, _Tiles(index), ranked, near, k=ranked.shape[1]),
+        )
