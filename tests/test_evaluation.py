@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-import gsra_salad.evaluation._search as search_module
+import gsra_salad.evaluation.streaming as search_module
 from gsra_salad.evaluation import (
     average_precision,
     embed,

@@ -3,7 +3,10 @@
 Subcommands:
 
 - ``train DATASET``: train (or ``--eval-only``) on CVUSA, CVACT or University-1652 with the
-  dataset's recipe (:mod:`gsra_salad.recipes`), or on its synthetic ``--demo``.
+  dataset's recipe (:mod:`gsra_salad.recipes`), or on its synthetic ``--demo``;
+- ``index``: embed geo-tagged tiles with a trained model into a gallery index;
+- ``locate``: answer "where was this photo taken?" against an index
+  (:mod:`gsra_salad.localization`).
 
 Problems with the command line or the files end with one line on standard error and exit
 status 2; set ``GSRA_SALAD_DEBUG=1`` for the traceback. Library code never prints; the
@@ -31,7 +34,28 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train.add_parser(commands)
+    _add_localization(commands)
     return parser
+
+
+def _add_localization(commands) -> None:
+    """``index`` and ``locate`` (:mod:`gsra_salad.localization.cli`)."""
+    from ..localization import cli as localization
+
+    index = commands.add_parser(
+        "index",
+        help="embed geo-tagged tiles into a gallery index",
+        description=localization.add_index_arguments.__doc__.split("\n\n")[1],
+    )
+    localization.add_index_arguments(index)
+    index.set_defaults(run=lambda args, parser: localization.run_index(args), parser=index)
+    locate = commands.add_parser(
+        "locate",
+        help="where was this photo taken? (top tiles, position, confidence)",
+        description=localization.add_locate_arguments.__doc__.split("\n\n")[1],
+    )
+    localization.add_locate_arguments(locate)
+    locate.set_defaults(run=lambda args, parser: localization.run_locate(args), parser=locate)
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:

@@ -13,11 +13,11 @@
 See ``docs/evaluation.md`` for the protocols.
 """
 
-from ._search import search
 from .embed import embed
 from .grid import save_retrieval_grid
 from .metrics import average_precision, geodesic_distance, recall_at_k
 from .retrieval import evaluate_retrieval
+from .streaming import search
 
 __all__ = [
     "average_precision",

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .._optional import require
-from ._search import Positions, auto_chunk_size, positions_from_scores
+from .streaming import Positions, auto_chunk_size, positions_from_scores
 
 _COUNT_BY_COMPARISON = 16
 

@@ -9,8 +9,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._search import streaming_positions, true_match_indices
 from .metrics import average_precision, geodesic_distance, localisation_summary, recall_at_k
+from .streaming import streaming_positions, true_match_indices
 
 __all__ = ["JUNK_LABEL", "evaluate_retrieval"]
 

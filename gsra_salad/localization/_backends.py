@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .._optional import require
-from ..evaluation._search import similarity_block
+from ..evaluation.streaming import similarity_block
 
 # elements of one gallery block read at a time (32 MiB of float16)
 _BLOCK_ELEMENTS = 2**24

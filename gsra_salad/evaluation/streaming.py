@@ -4,6 +4,11 @@ Queries are processed in chunks of C rows; each chunk's similarities to every re
 (C, R) float32 block (memory O(C R)), from which the positions of the true matches are counted
 exactly and the block is dropped. Descriptors stored in float16/bfloat16 are converted to
 float32 block by block, so no float32 copy of the gallery is ever made.
+
+Public: :func:`search` (the top-k references of every query, also
+``gsra_salad.evaluation.search``) and :func:`similarity_block` (one chunk's scores, what the
+gallery index of :mod:`gsra_salad.localization` streams with). The rest serves
+:func:`~gsra_salad.evaluation.evaluate_retrieval`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["search"]
+__all__ = ["search", "similarity_block"]
 
 # elements of one (C, R) similarity block when the chunk size is automatic (128 MiB float32)
 _BLOCK_ELEMENTS = 2**25
@@ -30,7 +35,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def similarity_block(query_chunk: Tensor, reference: Tensor) -> Tensor:
-    """(C, R) inner products in float32 (float64 for float64 inputs). Private helper."""
+    """(C, R) inner products of a chunk of queries (C, D) and references (R, D), in float32
+    (float64 for float64 inputs); low-precision references are converted slice by slice.
+
+    Example:
+        >>> similarity_block(torch.eye(2), torch.eye(2, dtype=torch.float16)).dtype
+        torch.float32
+    """
     dtype = _compute_dtype(torch.promote_types(query_chunk.dtype, reference.dtype))
     q = query_chunk.to(dtype)
     if reference.dtype == dtype:
