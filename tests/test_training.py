@@ -414,3 +414,26 @@ def test_evaluate_on_a_gallery_smaller_than_k():
     assert set(metrics) == {"R@1", "R@5", "R@10", "R@1%", "queries", "references"}
     assert metrics["R@5"] == metrics["R@10"] == 100.0  # every match is within 3 places
     assert metrics["references"] == 3
+
+
+def test_no_training_function_takes_more_than_six_stateful_arguments():
+    """The run state travels as one TrainState: no function of gsra_salad/training juggles the
+    optimizer, scheduler, scaler, sampler... one by one (switches and the config not counted)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "gsra_salad" / "training"
+    crowded = []
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            args = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+            stateful = [
+                a.arg for a in args
+                if a.arg not in ("self", "cls", "config")
+                and not (isinstance(a.annotation, ast.Name) and a.annotation.id in ("bool", "int"))
+            ]  # fmt: skip
+            if len(stateful) > 6:
+                crowded.append(f"{path.name}:{node.name} {stateful}")
+    assert not crowded, crowded
