@@ -44,6 +44,9 @@ _HELP = {
     "weight_decay": "AdamW weight decay",
     "schedule": "learning-rate schedule after the warmup",
     "warmup_epochs": "linear warmup length in epochs",
+    "schedule_length": "the schedule's length as a multiple of the run's steps (1: decays to 0 "
+    "at the last step; LRFR's 1.05 ends at ~4.8%% of the peak)",
+    "scaler_init_scale": "initial scale of the float16 GradScaler",
     "clip_value": "clip each gradient element to [-v, v] ('none': no clipping)",
     "clip_norm": "clip the total gradient norm ('none': no clipping)",
     "precision": "auto: float16 + GradScaler on CUDA, float32 on CPU; amp: float16 on CUDA, "
@@ -53,7 +56,11 @@ _HELP = {
     "eval_batch_size": "images per batch when embedding for evaluation",
     "mining": "batches of hard negatives from GPS or embedding neighbours",
     "mining_neighbours": "neighbours kept per sample for mining",
-    "neighbours_per_anchor": "neighbours of an anchor that join its batch",
+    "neighbours_per_anchor": "neighbours of an anchor that join its batch (at most)",
+    "mining_nearest": "none: an anchor's neighbours join in order; N: the N nearest plus "
+    "(neighbours-per-anchor - N) drawn from the rest of the pool (Sample4Geo: 32 of 64)",
+    "mining_from": "embedding neighbours of an anchor's reference, or of its query "
+    "(Sample4Geo: ground->satellite)",
     "best_metric": "the metric that picks best/: R@1 (first task) or TASK/METRIC",
     "seed": "seeds the batches, the augmentation, dropout and the demo data",
     "workers": "DataLoader worker processes",
