@@ -28,12 +28,20 @@ import torch
 
 from .. import recipes
 from ..training import FREE_ON_RESUME, TrainConfig
+from ..training.loop import PAPERS_SUFFIX
 
 __all__ = ["add_parser", "run", "train_main"]
 
 DATASETS = {"cvusa": "CVUSA", "cvact": "CVACT", "university1652": "University-1652"}
 RECIPE_FILE = "recipe.json"
 DEMO_PREFIX = "gsra_salad_demo_"
+OFFICIAL_SCORING = (
+    "official University-1652 protocol: distractor buildings kept, R@1% = CMC[floor(G/100) - 1]"
+)
+PAPERS_SCORING = (
+    "as LRFR's and Sample4Geo's code scores (the published tables): distractor buildings "
+    "dropped, R@1% = CMC[round(G/100)]"
+)
 
 # TrainConfig fields that are not options of their own (--output-dir, --no-progress are)
 _NOT_OPTIONS = {"output_dir", "progress"}
@@ -189,7 +197,35 @@ def add_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
         help="ImageNet ConvNeXt-T weights file (default: torchvision's cache or download)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    named = _named_recipes(dataset)
+    run.add_argument(
+        "--recipe",
+        choices=named,
+        metavar="NAME",
+        help="the recipe whose values are the defaults (with --data-root): "
+        + "; ".join(f"{name}: {recipes.get(name).source}" for name in named)
+        + f" (default: {dataset}, the same as {_alias(dataset)})",
+    )
     _add_recipe_options(parser, dataset)
+
+
+def _named_recipes(dataset: str) -> list[str]:
+    """The published recipes of ``dataset`` (not the demo), the default first."""
+    others = [
+        name
+        for name in recipes.names()
+        if name != dataset and recipes.get(name).dataset == dataset and not recipes.get(name).demo
+    ]
+    return [dataset, *others]
+
+
+def _alias(dataset: str) -> str:
+    """The named recipe that the dataset's default recipe equals."""
+    default = recipes.get(dataset)
+    for name in _named_recipes(dataset)[1:]:
+        if dataclasses.replace(recipes.get(name), name=default.name) == default:
+            return name
+    return dataset
 
 
 def add_parser(commands) -> None:
@@ -243,7 +279,13 @@ def train_main(dataset: str, argv: list[str] | None = None, prog: str | None = N
 
 def resolve_recipe(args: argparse.Namespace) -> recipes.Recipe:
     """The dataset's published (or demo) recipe with the options given on the command line."""
-    recipe = recipes.get(args.dataset + ("-demo" if args.demo else ""))
+    name = getattr(args, "recipe", None)
+    if name is not None and args.demo:
+        raise UsageError(
+            f"--recipe {name} reads a real dataset; --demo trains the demo recipe on synthetic "
+            "data: drop one of them"
+        )
+    recipe = recipes.get(name or args.dataset + ("-demo" if args.demo else ""))
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _NOT_OPTIONS and hasattr(args, f.name):  # given on the command line
@@ -512,7 +554,21 @@ def _result_line(recipe, split, task, metrics, baseline, context, log) -> dict[s
     line.update(
         {"queries": m["queries"], "references": m["references"], "world_size": context.world_size}
     )
+    papers = metrics.get(task.name + PAPERS_SUFFIX)
+    if papers is not None:
+        line["scoring"] = OFFICIAL_SCORING
     line.update({k: round(m[k], 2) for k in ("R@1", "R@5", "R@10", "R@1%", "AP") if k in m})
+    if papers is not None:
+        line["papers"] = {
+            "scoring": PAPERS_SCORING,
+            "references": papers["references"],
+            **{k: round(papers[k], 2) for k in ("R@1", "R@5", "R@10", "R@1%", "AP") if k in papers},
+        }
+        for values, scoring in ((m, OFFICIAL_SCORING), (papers, PAPERS_SCORING)):
+            log(
+                f"{task.name} [{scoring}]: R@1 {values['R@1']:.2f}, AP {values['AP']:.2f}, "
+                f"R@1% {values['R@1%']:.2f}"
+            )
     if baseline.get(task.name) is not None:
         log(
             f"{task.name}: R@1 {m['R@1']:.2f}% (colour-histogram baseline: "

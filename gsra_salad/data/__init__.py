@@ -13,6 +13,7 @@ from .cvact import CVACT
 from .cvusa import CVUSA
 from .geometry import haversine_m, nearest_neighbours, polar_transform, rotate_pair
 from .preload import PairedBatchAugmentation, PreloadedImages, PreloadedPairs
+from .published import CoarseDropout, GridDropout, Sharpen, published_augmentation
 from .samplers import NeighbourBatchSampler, UniqueLabelBatchSampler
 from .transforms import (
     IMAGENET_MEAN,
@@ -30,6 +31,8 @@ __all__ = [
     "CVUSA",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "CoarseDropout",
+    "GridDropout",
     "ImageSet",
     "InputConfig",
     "NeighbourBatchSampler",
@@ -37,6 +40,7 @@ __all__ = [
     "PairedBatchAugmentation",
     "PreloadedImages",
     "PreloadedPairs",
+    "Sharpen",
     "UniqueLabelBatchSampler",
     "University1652",
     "create_transform",
@@ -44,6 +48,7 @@ __all__ = [
     "haversine_m",
     "nearest_neighbours",
     "polar_transform",
+    "published_augmentation",
     "resolve_input_config",
     "rotate_pair",
     "synthetic",
