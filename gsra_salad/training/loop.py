@@ -139,7 +139,7 @@ class TrainData:
 class TrainStep(nn.Module):
     """The model and the loss in one module: ``(query, reference, labels) -> loss``, so that
     DistributedDataParallel synchronises the loss's learnable temperature too. The loss runs in
-    float32 outside autocast.
+    float32 (float64 for float64 models) outside autocast.
 
     Shape:
         - Input: query (B, 3, H, W), reference (B, 3, H', W'), labels (B,)
@@ -160,7 +160,12 @@ class TrainStep(nn.Module):
     def forward(self, query: Tensor, reference: Tensor, labels: Tensor) -> Tensor:
         q, r = self.model(query, reference)
         with torch.autocast(q.device.type, enabled=False):
-            return self.loss(q.float(), r.float(), labels=labels)
+            return self.loss(_at_least_float32(q), _at_least_float32(r), labels=labels)
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    """float16 / bfloat16 -> float32; float32 and float64 stay (a float64 check stays exact)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 @dataclass
