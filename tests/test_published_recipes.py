@@ -239,7 +239,7 @@ def gps_set(tmp_path_factory):
     synthetic.write_cvact(root, num_train=1024, num_val=4, num_test=0, tile_size=16,
                           pano_size=(8, 32))  # fmt: skip
     pairs = CVACT(root, "train")
-    return pairs.labels, pairs.positions
+    return pairs.labels, pairs.positions, pairs
 
 
 def _neighbour_share(batches, neighbours, nearest=32):
@@ -256,7 +256,7 @@ def _neighbour_share(batches, neighbours, nearest=32):
 
 
 def test_gps_batches_follow_sample4geo_rule(gps_set):
-    labels, positions = gps_set
+    labels, _, pairs = gps_set
     config = recipes.get("sample4geo-cvact").train
     assert (config.mining_neighbours, config.neighbours_per_anchor, config.mining_nearest) == (
         128,
@@ -264,7 +264,7 @@ def test_gps_batches_follow_sample4geo_rule(gps_set):
         32,
     )
     assert config.mining == "gps+embedding" and config.mining_from == "query"
-    sampler = training_loop._build_sampler(labels, positions, config, config.batch_size)
+    sampler = training_loop._build_sampler(labels, pairs, config, config.batch_size)
     assert isinstance(sampler, NeighbourBatchSampler) and sampler.neighbours.shape[1] == 128
     batches = list(sampler)
     assert all(len(set(labels[b])) == len(b) == 128 for b in batches)

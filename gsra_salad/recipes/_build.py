@@ -68,6 +68,8 @@ def build_loss(recipe: Recipe, *, gather: bool = False):
     Example:
         >>> from gsra_salad import recipes
         >>> type(build_loss(recipes.get("cvusa"))).__name__
+        'InfoNCELoss'
+        >>> type(build_loss(recipes.get("lrfr-cvusa"))).__name__
         'SoftMarginTripletLoss'
     """
     from ..losses import InfoNCELoss, SoftMarginTripletLoss

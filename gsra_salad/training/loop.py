@@ -426,12 +426,11 @@ def _reschedule(state: TrainState, steps_per_epoch: int) -> None:
     )
 
 
-def _build_sampler(
-    labels, positions, config: TrainConfig, per_rank: int, neighbours=None, metric=None
-):
-    """The first epoch's batch sampler; ``metric``: how ``positions`` compare ("euclidean"
-    UTM metres, "haversine" degrees; default euclidean)."""
-    metric = metric or "euclidean"
+def _build_sampler(labels, pairs, config: TrainConfig, per_rank: int, neighbours=None):
+    """The first epoch's batch sampler; GPS neighbours come from ``pairs.positions``, compared
+    by ``pairs.position_metric`` ("euclidean" UTM metres, the default, or "haversine")."""
+    positions = getattr(pairs, "positions", None)
+    metric = getattr(pairs, "position_metric", None) or "euclidean"
     kwargs = {"seed": config.seed, "drop_last": True}
     if neighbours is not None:  # mined neighbours of a resumed run
         return NeighbourBatchSampler(
@@ -741,14 +740,7 @@ def fit(
     labels = np.asarray(data.pairs.labels)  # type: ignore[attr-defined]
     per_rank = config.batch_size // context.world_size
     neighbours = None if saved is None else saved["sampler"].get("neighbours")
-    sampler = _build_sampler(
-        labels,
-        getattr(data.pairs, "positions", None),
-        config,
-        per_rank,
-        neighbours,
-        getattr(data.pairs, "position_metric", None),
-    )
+    sampler = _build_sampler(labels, data.pairs, config, per_rank, neighbours)
     state = build_train_state(
         model, loss, sampler, config, augmentation=data.augmentation, device=context.device
     )
