@@ -384,6 +384,26 @@ def test_recipe_flag_selects_a_named_recipe(tmp_path, capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_a_run_saved_before_the_new_fields_resumes_with_their_defaults():
+    from gsra_salad.cli._train import _recipe_changes
+
+    old = recipes.get("cvusa-demo")  # unchanged by the new fields: they keep their defaults
+    saved = old.as_dict()
+    del saved["image_augmentation"]
+    for name in ("schedule_length", "scaler_init_scale", "mining_nearest", "mining_from"):
+        del saved["train"][name]
+    assert _recipe_changes(saved, old) == []
+    changed = old.replace(schedule_length=1.05)
+    assert _recipe_changes(saved, changed) == ["--schedule-length was 1.0, now 1.05"]
+
+
+def test_published_image_augmentation_needs_per_item_loading(tmp_path):
+    with pytest.raises(ValueError, match="per image"):
+        recipes.get("cvusa-demo").replace(image_augmentation="published")
+    library = _resolve("cvusa", "--data-root", str(tmp_path), "--image-augmentation", "library")
+    assert library.image_augmentation == "library"
+
+
 # -- the reproduction check --------------------------------------------------------------------
 
 

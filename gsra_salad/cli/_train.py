@@ -133,6 +133,13 @@ def _add_recipe_options(parser: argparse.ArgumentParser, dataset: str) -> None:
         help="triplet: soft-margin, semi-hard, alpha 10 (LRFR); infonce: temperature 0.07, "
         "label smoothing 0.1 (Sample4Geo); " + default(lambda r: r.loss),
     )
+    group.add_argument(
+        "--image-augmentation",
+        choices=("library", "published"),
+        help="per-image training augmentations: this library's set, or LRFR's and Sample4Geo's "
+        "(JPEG, colour jitter, blur or sharpen, grid or coarse dropout); "
+        + default(lambda r: r.image_augmentation),
+    )
     for view, what in (("query", "query view (ground panorama or drone)"),
                        ("reference", "reference view (satellite)")):  # fmt: skip
         group.add_argument(
@@ -290,7 +297,7 @@ def resolve_recipe(args: argparse.Namespace) -> recipes.Recipe:
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _NOT_OPTIONS and hasattr(args, f.name):  # given on the command line
             changes[f.name] = getattr(args, f.name)
-    for name in ("loss", "split", "demo_locations"):
+    for name in ("loss", "split", "demo_locations", "image_augmentation"):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
     for view in ("query", "reference"):
@@ -318,20 +325,31 @@ def _recipe_changes(saved: dict[str, Any], recipe: recipes.Recipe) -> list[str]:
     """What differs between a run's saved recipe and the new one, ignoring what may change."""
     new = recipe.as_dict()
     free = FREE_ON_RESUME | {"epochs"}
+    # a field added since the run was saved counts with its default (what the run used)
+    defaults = _defaults(recipes.Recipe)
+    train_defaults = _defaults(TrainConfig)
     changes = []
     for key in sorted(set(saved) | set(new)):
         if key == "train":
             old_train, new_train = saved.get(key, {}), new[key]
             for name in sorted(set(old_train) | set(new_train)):
-                if name in free or old_train.get(name) == new_train.get(name):
+                old = old_train.get(name, train_defaults.get(name))
+                if name in free or old == new_train.get(name):
                     continue
                 changes.append(
-                    f"--{name.replace('_', '-')} was {old_train.get(name)!r}, now "
-                    f"{new_train.get(name)!r}"
+                    f"--{name.replace('_', '-')} was {old!r}, now {new_train.get(name)!r}"
                 )
-        elif saved.get(key) != new.get(key) and key not in ("name", "source"):
-            changes.append(f"{key} was {saved.get(key)!r}, now {new.get(key)!r}")
+            continue
+        old = saved.get(key, defaults.get(key))
+        if old != new.get(key) and key not in ("name", "source"):
+            changes.append(f"{key} was {old!r}, now {new.get(key)!r}")
     return changes
+
+
+def _defaults(cls) -> dict[str, Any]:
+    return {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
 
 
 def _check_output(output: Path, args: argparse.Namespace, recipe: recipes.Recipe) -> None:

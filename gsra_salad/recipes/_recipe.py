@@ -75,8 +75,8 @@ class Recipe:
         augmentation: the paired augmentation of the training batches (``None``: none).
         image_augmentation: the per-image training augmentations: ``"library"`` (this
             library's colour jitter, blur, sharpness and erasing) or ``"published"`` (LRFR's and
-            Sample4Geo's: :func:`~gsra_salad.data.published_augmentation`); per-item
-            loading only (an ``in_memory`` recipe augments whole batches only).
+            Sample4Geo's: :func:`~gsra_salad.data.published_augmentation`); ``"published"``
+            needs per-item loading (an ``in_memory`` recipe augments whole batches only).
         in_memory: decode and resize every image once into memory
             (:class:`~gsra_salad.data.PreloadedPairs`) instead of a DataLoader per item.
         demo_locations: evaluation locations of the synthetic dataset (demo recipes only).
@@ -120,6 +120,11 @@ class Recipe:
             raise ValueError(
                 f"image_augmentation must be 'library' or 'published', got "
                 f"{self.image_augmentation!r}"
+            )
+        if self.in_memory and self.image_augmentation == "published":
+            raise ValueError(
+                "image_augmentation='published' runs per image, in the DataLoader; an in_memory "
+                "recipe augments whole batches only: use image_augmentation='library'"
             )
         if self.demo_locations is not None and self.demo_locations < 2:
             raise ValueError(f"demo_locations must be >= 2, got {self.demo_locations}")
