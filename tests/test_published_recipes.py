@@ -22,6 +22,7 @@ from gsra_salad.data import (
     CVUSA,
     CoarseDropout,
     GridDropout,
+    JPEGCompression,
     NeighbourBatchSampler,
     Sharpen,
     UniqueLabelBatchSampler,
@@ -155,7 +156,7 @@ def test_published_augmentation_has_the_published_parameters(size, ratio):
         published_augmentation(size, grid_ratio=ratio)
     )
     # ImageCompression(quality_lower=90, quality_upper=100, p=0.5)
-    assert isinstance(jpeg, v2.JPEG) and tuple(jpeg.quality) == (90, 100) and p_jpeg == 0.5
+    assert isinstance(jpeg, JPEGCompression) and jpeg.quality == (90, 100) and p_jpeg == 0.5
     # ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.15, p=0.5)
     assert isinstance(jitter, v2.ColorJitter) and p_jitter == 0.5
     for name in ("brightness", "contrast", "saturation"):
@@ -211,6 +212,24 @@ def test_sharpen_is_albumentations_kernel_with_reflected_borders():
         for dx in range(3):
             manual += kernel[dy, dx] * padded[:, dy : dy + 6, dx : dx + 7]
     assert torch.equal(out, torch.from_numpy(np.clip(np.round(manual), 0, 255)).to(torch.uint8))
+
+
+def test_jpeg_compression_draws_qualities_90_to_100_without_deprecated_torchvision_coding():
+    pytest.importorskip("PIL")
+    import warnings
+
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        outs = [JPEGCompression((90, 100))(image) for _ in range(5)]
+    assert all(o.dtype == torch.uint8 and o.shape == image.shape for o in outs)
+    assert any(not torch.equal(o, image) for o in outs)  # lossy
+    torch.manual_seed(0)
+    drawn = {int(torch.randint(90, 101, ())) for _ in range(300)}
+    assert drawn == set(range(90, 101))  # both ends included, as albumentations' randint
+    with pytest.raises(ValueError, match="quality"):
+        JPEGCompression((0, 100))
 
 
 def test_coarse_dropout_draws_10_to_25_holes_of_the_published_sizes():
@@ -314,6 +333,25 @@ def test_cvusa_reads_positions_where_the_release_has_them(tmp_path):
         recipes.load_data(recipe, without)
     data = recipes.load_data(recipe.replace(mining="embedding"), without)
     assert data.train.mining_queries is not None  # ground->satellite neighbours later
+    query, reference, _ = data.train.pairs[0]  # the published augmentations, pixels out
+    assert (query.dtype, query.shape, reference.shape) == (
+        torch.uint8,
+        (3, 140, 768),
+        (3, 384, 384),
+    )
+
+
+def test_lrfr_university_recipe_reads_pixels_and_scores_both_ways(tmp_path):
+    pytest.importorskip("PIL")
+    root = synthetic.write_university1652(tmp_path, num_train=4, num_test=3, num_distractors=2,
+                                          drones_per_building=2)  # fmt: skip
+    recipe = recipes.get("lrfr-university1652")
+    assert recipe.augmentation == recipes.Augmentation("drone", flip_p=0.5, rotate=True)
+    data = recipes.load_data(recipe, root)
+    drone, satellite, _ = data.train.pairs[0]
+    assert drone.dtype == satellite.dtype == torch.uint8 and drone.shape == (3, 384, 384)
+    assert [t.papers_scoring for t in data.tasks] == [True, True]
+    assert data.train.augmentation.rotate and data.train.augmentation.mode == "drone"
 
 
 # -- scoring -----------------------------------------------------------------------------------

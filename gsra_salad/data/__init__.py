@@ -13,7 +13,13 @@ from .cvact import CVACT
 from .cvusa import CVUSA
 from .geometry import haversine_m, nearest_neighbours, polar_transform, rotate_pair
 from .preload import PairedBatchAugmentation, PreloadedImages, PreloadedPairs
-from .published import CoarseDropout, GridDropout, Sharpen, published_augmentation
+from .published import (
+    CoarseDropout,
+    GridDropout,
+    JPEGCompression,
+    Sharpen,
+    published_augmentation,
+)
 from .samplers import NeighbourBatchSampler, UniqueLabelBatchSampler
 from .transforms import (
     IMAGENET_MEAN,
@@ -35,6 +41,7 @@ __all__ = [
     "GridDropout",
     "ImageSet",
     "InputConfig",
+    "JPEGCompression",
     "NeighbourBatchSampler",
     "PairedAugmentation",
     "PairedBatchAugmentation",

@@ -5,26 +5,29 @@ Both published codes use the same albumentations pipeline per view (DESIGN secti
 ``OneOf([AdvancedBlur, Sharpen], p 0.3)`` and ``OneOf([GridDropout(ratio), CoarseDropout(10-25
 holes of 0.1-0.2 of the height)], p 0.3)``, with ``ratio`` 0.4 for satellite and drone images
 and 0.5 for Sample4Geo's ground panoramas. :func:`published_augmentation` builds it from
-torchvision's ``JPEG``, ``ColorJitter`` and ``GaussianBlur``; what torchvision lacks is written
-here after albumentations' definitions: :class:`GridDropout`, :class:`CoarseDropout` (many
-holes of sizes drawn in pixels; ``RandomErasing`` erases one box drawn by area) and
-:class:`Sharpen` (albumentations' kernel, with random strength; ``RandomAdjustSharpness``
-blends with a fixed factor). ``AdvancedBlur`` (an anisotropic, rotated, generalised Gaussian
-with multiplicative noise) is approximated by an isotropic ``GaussianBlur`` with its kernel
-sizes (3, 5, 7) and its sigma range (0.2, 1.0). See ``docs/training.md``.
+torchvision's ``ColorJitter`` and ``GaussianBlur``; what torchvision lacks is written here after
+albumentations' definitions: :class:`GridDropout`, :class:`CoarseDropout` (many holes of sizes
+drawn in pixels; ``RandomErasing`` erases one box drawn by area) and :class:`Sharpen`
+(albumentations' kernel, with random strength; ``RandomAdjustSharpness`` blends with a fixed
+factor); :class:`JPEGCompression` goes through Pillow because torchvision's ``v2.JPEG`` warns
+that its JPEG coding is deprecated. ``AdvancedBlur`` (an anisotropic, rotated, generalised
+Gaussian with multiplicative noise) is approximated by an isotropic ``GaussianBlur`` with its
+kernel sizes (3, 5, 7) and its sigma range (0.2, 1.0). See ``docs/training.md``.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ._base import require
 
-__all__ = ["CoarseDropout", "GridDropout", "Sharpen", "published_augmentation"]
+__all__ = ["CoarseDropout", "GridDropout", "JPEGCompression", "Sharpen", "published_augmentation"]
 
 # the published parameters (albumentations 1.3 argument names in the comments)
 JPEG_QUALITY = (90, 100)  # ImageCompression(quality_lower=90, quality_upper=100, p=0.5)
@@ -43,6 +46,51 @@ def _check_image(image: Tensor, owner: str) -> None:
     if not isinstance(image, Tensor) or image.dim() < 3 or image.shape[-3] != 3:
         shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
         raise ValueError(f"{owner}: expected an image tensor (..., 3, H, W), got {shape}")
+
+
+class JPEGCompression:
+    """albumentations' ``ImageCompression``: a JPEG round trip at a quality drawn uniformly from
+    ``quality`` (both ends included), through Pillow (the ``data`` extra). torchvision's
+    ``v2.JPEG`` does the same but warns that its JPEG coding is deprecated (torchvision 0.29),
+    so it is not used. Draws from torch's global generator.
+
+    Args:
+        quality: (min, max) JPEG quality in [1, 100] (published: (90, 100)).
+
+    Shape:
+        - Input: (3, H, W) uint8
+        - Output: the same
+
+    Example:
+        >>> out = JPEGCompression((90, 100))(torch.full((3, 8, 8), 128, dtype=torch.uint8))
+        >>> out.dtype, out.shape, int((out.int() - 128).abs().max()) <= 2
+        (torch.uint8, torch.Size([3, 8, 8]), True)
+    """
+
+    def __init__(self, quality: Sequence[int] = (90, 100)) -> None:
+        lo, hi = quality
+        if not 1 <= lo <= hi <= 100:
+            raise ValueError(
+                f"JPEGCompression: quality must be 1 <= min <= max <= 100, got {tuple(quality)}"
+            )
+        self.quality = (int(lo), int(hi))
+
+    def __call__(self, image: Tensor) -> Tensor:
+        _check_image(image, "JPEGCompression")
+        if image.dtype != torch.uint8:
+            raise ValueError(f"JPEGCompression: expected a uint8 image, got {image.dtype}")
+        pil = require("PIL.Image", "data")
+        quality = int(torch.randint(self.quality[0], self.quality[1] + 1, ()))
+        buffer = io.BytesIO()
+        pil.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(
+            buffer, format="JPEG", quality=quality
+        )
+        buffer.seek(0)
+        decoded = np.asarray(pil.open(buffer).convert("RGB"))
+        return torch.from_numpy(decoded.copy()).permute(2, 0, 1).to(image.device)
+
+    def __repr__(self) -> str:
+        return f"JPEGCompression(quality={self.quality})"
 
 
 class GridDropout:
@@ -193,8 +241,8 @@ class Sharpen:
 def published_augmentation(image_size: int | Sequence[int], *, grid_ratio: float = 0.4):
     """The published per-image augmentation of one view (LRFR, Sample4Geo), on pixels.
 
-    In order: JPEG quality 90-100 (p 0.5); ColorJitter(0.15, 0.15, 0.15, hue 0.15) (p 0.5); one
-    of a Gaussian blur (kernel 3, 5 or 7, sigma 0.2-1.0) and :class:`Sharpen` (p 0.3); one of
+    In order: :class:`JPEGCompression` at quality 90-100 (p 0.5); ColorJitter(0.15, 0.15, 0.15,
+    hue 0.15) (p 0.5); one of a Gaussian blur (kernel 3, 5 or 7, sigma 0.2-1.0) and :class:`Sharpen` (p 0.3); one of
     :class:`GridDropout` (``grid_ratio``) and :class:`CoarseDropout` (10-25 holes of
     ``int(0.1 H)`` to ``int(0.2 H)`` pixels) (p 0.3). Holes are black (0) pixels, as in
     albumentations before its ``Normalize``. Draws come from torch's global generator.
@@ -219,7 +267,7 @@ def published_augmentation(image_size: int | Sequence[int], *, grid_ratio: float
     return v2.Compose(
         [
             v2.ToDtype(torch.uint8, scale=True),
-            v2.RandomApply([v2.JPEG(JPEG_QUALITY)], p=JPEG_P),
+            v2.RandomApply([JPEGCompression(JPEG_QUALITY)], p=JPEG_P),
             v2.RandomApply([v2.ColorJitter(*COLOR_JITTER)], p=COLOR_JITTER_P),
             v2.RandomApply([v2.RandomChoice([blur, Sharpen()])], p=BLUR_SHARPEN_P),
             v2.RandomApply(
