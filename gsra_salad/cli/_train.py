@@ -127,6 +127,11 @@ def _add_recipe_options(parser: argparse.ArgumentParser, dataset: str) -> None:
             group.add_argument(flag, type=_none_or(kind), metavar=kind.__name__.upper(), **given)
         else:
             group.add_argument(flag, type=hint, metavar=hint.__name__.upper(), **given)
+    _add_recipe_fields(group, dataset, default, demo)
+
+
+def _add_recipe_fields(group, dataset: str, default, demo: recipes.Recipe) -> None:
+    """The options of the recipe's own fields (loss, augmentation, sizes, split, demo size)."""
     group.add_argument(
         "--loss",
         choices=("triplet", "infonce"),

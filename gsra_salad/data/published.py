@@ -242,10 +242,11 @@ def published_augmentation(image_size: int | Sequence[int], *, grid_ratio: float
     """The published per-image augmentation of one view (LRFR, Sample4Geo), on pixels.
 
     In order: :class:`JPEGCompression` at quality 90-100 (p 0.5); ColorJitter(0.15, 0.15, 0.15,
-    hue 0.15) (p 0.5); one of a Gaussian blur (kernel 3, 5 or 7, sigma 0.2-1.0) and :class:`Sharpen` (p 0.3); one of
-    :class:`GridDropout` (``grid_ratio``) and :class:`CoarseDropout` (10-25 holes of
-    ``int(0.1 H)`` to ``int(0.2 H)`` pixels) (p 0.3). Holes are black (0) pixels, as in
-    albumentations before its ``Normalize``. Draws come from torch's global generator.
+    hue 0.15) (p 0.5); one of a Gaussian blur (kernel 3, 5 or 7, sigma 0.2-1.0) and
+    :class:`Sharpen` (p 0.3); one of :class:`GridDropout` (``grid_ratio``) and
+    :class:`CoarseDropout` (10-25 holes of ``int(0.1 H)`` to ``int(0.2 H)`` pixels) (p 0.3).
+    Holes are black (0) pixels, as in albumentations before its ``Normalize``. Draws come from
+    torch's global generator.
 
     Args:
         image_size: the image's (H, W) (an int: square); the hole sizes follow H.
