@@ -36,8 +36,15 @@ def test_every_recipe_is_importable_typed_and_consistent():
         assert isinstance(recipe.query_input, InputConfig)
         assert recipe.name == name and recipe.demo == name.endswith("-demo")
         assert recipes.Recipe.from_dict(recipe.as_dict()) == recipe
-    assert recipes.get("cvusa").train.mining == "embedding"
-    assert recipes.get("cvact").train.mining == "gps+embedding"
+    # the defaults are the published recipes, under the dataset's name
+    for dataset, named in (
+        ("cvusa", "sample4geo-cvusa"),
+        ("cvact", "sample4geo-cvact"),
+        ("university1652", "lrfr-university1652"),
+    ):
+        assert recipes.get(dataset) == dataclasses.replace(recipes.get(named), name=dataset)
+    assert recipes.get("cvusa").train.mining == "gps+embedding"
+    assert recipes.get("lrfr-cvusa").loss == "triplet" and recipes.get("cvusa").loss == "infonce"
     lrfr = recipes.get("university1652").train
     assert (lrfr.batch_size, lrfr.lr, lrfr.schedule, lrfr.warmup_epochs) == (32, 1e-4, "linear", 0)
 

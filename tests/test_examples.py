@@ -73,6 +73,15 @@ def test_demo_runs_end_to_end(tmp_path, script, dataset, extra):
     if dataset == "university1652":
         assert [line["direction"] for line in lines] == ["drone->satellite", "satellite->drone"]
         assert all("AP" in line for line in lines)
+        # both scorings, each labelled: official (distractors kept) and the papers' (dropped)
+        for line in lines:
+            assert line["scoring"].startswith("official")
+            assert "dropped" in line["papers"]["scoring"]
+            assert line["papers"]["references"] <= line["references"]
+            assert {"R@1", "R@1%", "AP"} <= set(line["papers"])
+        # the distractors are satellite-only buildings: only drone->satellite drops some
+        assert lines[0]["papers"]["references"] < lines[0]["references"]
+        assert "[official University-1652 protocol" in result.stdout
     else:
         assert len(lines) == 1
     for line in lines:

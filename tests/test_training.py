@@ -374,6 +374,31 @@ def test_embedding_mining_rebuilds_batches_from_neighbours(tmp_path):
     assert sampler["neighbours"] is not None and sampler["neighbours"].shape == (24, 5)
 
 
+def test_sample4geo_mining_gps_first_then_query_to_reference_neighbours(tmp_path):
+    pairs = _Pairs(24)
+    config = _config(
+        tmp_path, epochs=2, mining="gps+embedding", mining_from="query", eval_every=1,
+        mining_neighbours=6, neighbours_per_anchor=4, mining_nearest=2,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="mining_queries"):
+        fit(_model(), InfoNCELoss(), TrainData(pairs, mining_set=_Side(pairs, 1)),
+            _task(pairs), config)  # fmt: skip
+    data = TrainData(pairs, mining_set=_Side(pairs, 1), mining_queries=_Side(pairs, 0))
+    model = _model()
+    fit(model, InfoNCELoss(), data, _task(pairs), config)
+    neighbours = load_training_state(tmp_path / "last")["sampler"]["neighbours"].numpy()
+    # the last evaluation's ground->satellite neighbours, the own reference left out
+    model.eval()
+    with torch.no_grad():
+        queries = torch.stack([model.embed(x[None], view="query")[0] for x, _ in _Side(pairs, 0)])
+        refs = torch.stack([model.embed(x[None], view="reference")[0] for x, _ in _Side(pairs, 1)])
+    scores = queries @ refs.T
+    scores.fill_diagonal_(-float("inf"))
+    assert neighbours.shape == (24, 6)
+    assert (neighbours != np.arange(24)[:, None]).all()
+    assert np.array_equal(neighbours[:, 0], scores.argmax(1).numpy())
+
+
 def test_a_diverging_loss_stops_with_a_clear_error(tmp_path):
     class Exploding(nn.Module):
         def forward(self, q, r, *, labels=None):

@@ -28,12 +28,20 @@ import torch
 
 from .. import recipes
 from ..training import FREE_ON_RESUME, TrainConfig
+from ..training.loop import PAPERS_SUFFIX
 
 __all__ = ["add_parser", "run", "train_main"]
 
 DATASETS = {"cvusa": "CVUSA", "cvact": "CVACT", "university1652": "University-1652"}
 RECIPE_FILE = "recipe.json"
 DEMO_PREFIX = "gsra_salad_demo_"
+OFFICIAL_SCORING = (
+    "official University-1652 protocol: distractor buildings kept, R@1% = CMC[floor(G/100) - 1]"
+)
+PAPERS_SCORING = (
+    "as LRFR's and Sample4Geo's code scores (the published tables): distractor buildings "
+    "dropped, R@1% = CMC[round(G/100)]"
+)
 
 # TrainConfig fields that are not options of their own (--output-dir, --no-progress are)
 _NOT_OPTIONS = {"output_dir", "progress"}
@@ -44,6 +52,9 @@ _HELP = {
     "weight_decay": "AdamW weight decay",
     "schedule": "learning-rate schedule after the warmup",
     "warmup_epochs": "linear warmup length in epochs",
+    "schedule_length": "the schedule's length as a multiple of the run's steps (1: decays to 0 "
+    "at the last step; LRFR's 1.05 ends at ~4.8%% of the peak)",
+    "scaler_init_scale": "initial scale of the float16 GradScaler",
     "clip_value": "clip each gradient element to [-v, v] ('none': no clipping)",
     "clip_norm": "clip the total gradient norm ('none': no clipping)",
     "precision": "auto: float16 + GradScaler on CUDA, float32 on CPU; amp: float16 on CUDA, "
@@ -53,7 +64,11 @@ _HELP = {
     "eval_batch_size": "images per batch when embedding for evaluation",
     "mining": "batches of hard negatives from GPS or embedding neighbours",
     "mining_neighbours": "neighbours kept per sample for mining",
-    "neighbours_per_anchor": "neighbours of an anchor that join its batch",
+    "neighbours_per_anchor": "neighbours of an anchor that join its batch (at most)",
+    "mining_nearest": "none: an anchor's neighbours join in order; N: the N nearest plus "
+    "(neighbours-per-anchor - N) drawn from the rest of the pool (Sample4Geo: 32 of 64)",
+    "mining_from": "embedding neighbours of an anchor's reference, or of its query "
+    "(Sample4Geo: ground->satellite)",
     "best_metric": "the metric that picks best/: R@1 (first task) or TASK/METRIC",
     "seed": "seeds the batches, the augmentation, dropout and the demo data",
     "workers": "DataLoader worker processes",
@@ -112,11 +127,23 @@ def _add_recipe_options(parser: argparse.ArgumentParser, dataset: str) -> None:
             group.add_argument(flag, type=_none_or(kind), metavar=kind.__name__.upper(), **given)
         else:
             group.add_argument(flag, type=hint, metavar=hint.__name__.upper(), **given)
+    _add_recipe_fields(group, dataset, default, demo)
+
+
+def _add_recipe_fields(group, dataset: str, default, demo: recipes.Recipe) -> None:
+    """The options of the recipe's own fields (loss, augmentation, sizes, split, demo size)."""
     group.add_argument(
         "--loss",
         choices=("triplet", "infonce"),
         help="triplet: soft-margin, semi-hard, alpha 10 (LRFR); infonce: temperature 0.07, "
         "label smoothing 0.1 (Sample4Geo); " + default(lambda r: r.loss),
+    )
+    group.add_argument(
+        "--image-augmentation",
+        choices=("library", "published"),
+        help="per-image training augmentations: this library's set, or LRFR's and Sample4Geo's "
+        "(JPEG, colour jitter, blur or sharpen, grid or coarse dropout); "
+        + default(lambda r: r.image_augmentation),
     )
     for view, what in (("query", "query view (ground panorama or drone)"),
                        ("reference", "reference view (satellite)")):  # fmt: skip
@@ -182,7 +209,35 @@ def add_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
         help="ImageNet ConvNeXt-T weights file (default: torchvision's cache or download)",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    named = _named_recipes(dataset)
+    run.add_argument(
+        "--recipe",
+        choices=named,
+        metavar="NAME",
+        help="the recipe whose values are the defaults (with --data-root): "
+        + "; ".join(f"{name}: {recipes.get(name).source}" for name in named)
+        + f" (default: {dataset}, the same as {_alias(dataset)})",
+    )
     _add_recipe_options(parser, dataset)
+
+
+def _named_recipes(dataset: str) -> list[str]:
+    """The published recipes of ``dataset`` (not the demo), the default first."""
+    others = [
+        name
+        for name in recipes.names()
+        if name != dataset and recipes.get(name).dataset == dataset and not recipes.get(name).demo
+    ]
+    return [dataset, *others]
+
+
+def _alias(dataset: str) -> str:
+    """The named recipe that the dataset's default recipe equals."""
+    default = recipes.get(dataset)
+    for name in _named_recipes(dataset)[1:]:
+        if dataclasses.replace(recipes.get(name), name=default.name) == default:
+            return name
+    return dataset
 
 
 def add_parser(commands) -> None:
@@ -236,12 +291,18 @@ def train_main(dataset: str, argv: list[str] | None = None, prog: str | None = N
 
 def resolve_recipe(args: argparse.Namespace) -> recipes.Recipe:
     """The dataset's published (or demo) recipe with the options given on the command line."""
-    recipe = recipes.get(args.dataset + ("-demo" if args.demo else ""))
+    name = getattr(args, "recipe", None)
+    if name is not None and args.demo:
+        raise UsageError(
+            f"--recipe {name} reads a real dataset; --demo trains the demo recipe on synthetic "
+            "data: drop one of them"
+        )
+    recipe = recipes.get(name or args.dataset + ("-demo" if args.demo else ""))
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _NOT_OPTIONS and hasattr(args, f.name):  # given on the command line
             changes[f.name] = getattr(args, f.name)
-    for name in ("loss", "split", "demo_locations"):
+    for name in ("loss", "split", "demo_locations", "image_augmentation"):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
     for view in ("query", "reference"):
@@ -269,20 +330,31 @@ def _recipe_changes(saved: dict[str, Any], recipe: recipes.Recipe) -> list[str]:
     """What differs between a run's saved recipe and the new one, ignoring what may change."""
     new = recipe.as_dict()
     free = FREE_ON_RESUME | {"epochs"}
+    # a field added since the run was saved counts with its default (what the run used)
+    defaults = _defaults(recipes.Recipe)
+    train_defaults = _defaults(TrainConfig)
     changes = []
     for key in sorted(set(saved) | set(new)):
         if key == "train":
             old_train, new_train = saved.get(key, {}), new[key]
             for name in sorted(set(old_train) | set(new_train)):
-                if name in free or old_train.get(name) == new_train.get(name):
+                old = old_train.get(name, train_defaults.get(name))
+                if name in free or old == new_train.get(name):
                     continue
                 changes.append(
-                    f"--{name.replace('_', '-')} was {old_train.get(name)!r}, now "
-                    f"{new_train.get(name)!r}"
+                    f"--{name.replace('_', '-')} was {old!r}, now {new_train.get(name)!r}"
                 )
-        elif saved.get(key) != new.get(key) and key not in ("name", "source"):
-            changes.append(f"{key} was {saved.get(key)!r}, now {new.get(key)!r}")
+            continue
+        old = saved.get(key, defaults.get(key))
+        if old != new.get(key) and key not in ("name", "source"):
+            changes.append(f"{key} was {old!r}, now {new.get(key)!r}")
     return changes
+
+
+def _defaults(cls) -> dict[str, Any]:
+    return {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
 
 
 def _check_output(output: Path, args: argparse.Namespace, recipe: recipes.Recipe) -> None:
@@ -510,7 +582,21 @@ def _result_line(recipe, split, task, metrics, baseline, context, log) -> dict[s
     line.update(
         {"queries": m["queries"], "references": m["references"], "world_size": context.world_size}
     )
+    papers = metrics.get(task.name + PAPERS_SUFFIX)
+    if papers is not None:
+        line["scoring"] = OFFICIAL_SCORING
     line.update({k: round(m[k], 2) for k in ("R@1", "R@5", "R@10", "R@1%", "AP") if k in m})
+    if papers is not None:
+        line["papers"] = {
+            "scoring": PAPERS_SCORING,
+            "references": papers["references"],
+            **{k: round(papers[k], 2) for k in ("R@1", "R@5", "R@10", "R@1%", "AP") if k in papers},
+        }
+        for values, scoring in ((m, OFFICIAL_SCORING), (papers, PAPERS_SCORING)):
+            log(
+                f"{task.name} [{scoring}]: R@1 {values['R@1']:.2f}, AP {values['AP']:.2f}, "
+                f"R@1% {values['R@1%']:.2f}"
+            )
     if baseline.get(task.name) is not None:
         log(
             f"{task.name}: R@1 {m['R@1']:.2f}% (colour-histogram baseline: "

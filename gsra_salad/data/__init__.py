@@ -13,6 +13,13 @@ from .cvact import CVACT
 from .cvusa import CVUSA
 from .geometry import haversine_m, nearest_neighbours, polar_transform, rotate_pair
 from .preload import PairedBatchAugmentation, PreloadedImages, PreloadedPairs
+from .published import (
+    CoarseDropout,
+    GridDropout,
+    JPEGCompression,
+    Sharpen,
+    published_augmentation,
+)
 from .samplers import NeighbourBatchSampler, UniqueLabelBatchSampler
 from .transforms import (
     IMAGENET_MEAN,
@@ -30,13 +37,17 @@ __all__ = [
     "CVUSA",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "CoarseDropout",
+    "GridDropout",
     "ImageSet",
     "InputConfig",
+    "JPEGCompression",
     "NeighbourBatchSampler",
     "PairedAugmentation",
     "PairedBatchAugmentation",
     "PreloadedImages",
     "PreloadedPairs",
+    "Sharpen",
     "UniqueLabelBatchSampler",
     "University1652",
     "create_transform",
@@ -44,6 +55,7 @@ __all__ = [
     "haversine_m",
     "nearest_neighbours",
     "polar_transform",
+    "published_augmentation",
     "resolve_input_config",
     "rotate_pair",
     "synthetic",

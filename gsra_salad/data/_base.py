@@ -98,11 +98,15 @@ def check_file(path: Path, dataset: str, layout: str) -> Path:
 class PairDataset(Dataset):
     """(query image, reference image, location id) triples from lists of paths.
 
-    Subclasses fill ``query_paths``, ``reference_paths``, ``labels`` (and ``positions`` where the
-    dataset has them). Items: ``(query (3, H, W), reference (3, H', W'), label)``; images are
-    uint8 tensors unless the transforms change them. ``pair_transform(query, reference)`` runs
-    first (e.g. :class:`~gsra_salad.data.PairedAugmentation`), then the per-view transforms.
+    Subclasses fill ``query_paths``, ``reference_paths``, ``labels`` (and ``positions``
+    where the dataset has them, compared by ``position_metric``: ``"euclidean"`` for planar
+    metres, ``"haversine"`` for (latitude, longitude) degrees). Items: ``(query (3, H, W),
+    reference (3, H', W'), label)``; images are uint8 tensors unless the transforms change
+    them. ``pair_transform(query, reference)`` runs first (e.g.
+    :class:`~gsra_salad.data.PairedAugmentation`), then the per-view transforms.
     """
+
+    position_metric = "euclidean"
 
     def __init__(
         self,

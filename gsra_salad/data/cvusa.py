@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from ._base import PairDataset, PairTransform, Transform, check_dir, check_file
 
 __all__ = ["CVUSA"]
+
+logger = logging.getLogger(__name__)
 
 LAYOUT = (
     "root/splits/train-19zl.csv and root/splits/val-19zl.csv (no header; columns sat, ground, "
@@ -25,6 +30,13 @@ class CVUSA(PairDataset):
     satellite file)``; images are RGB uint8 tensors (3, H, W) unless transforms change them.
     Image sizes differ between the copies of CVUSA in circulation; nothing here assumes one.
 
+    Positions: the 19zl csv files hold none. When ``root/split_locations/all.csv`` exists (in
+    the full CVUSA release: no header, one row per location id, columns ``sat_lat, sat_lon,
+    ground_lat, ground_lon, ...``; row ``id - 1`` belongs to id ``id``, as Sample4Geo's GPS
+    script reads it), ``positions`` holds each pair's ground (latitude, longitude) in degrees
+    (``position_metric = "haversine"``); otherwise ``positions`` is None, and an INFO log line
+    says so (GPS-neighbour batches then need the file).
+
     Args:
         root: the CVUSA directory (the one holding ``splits/``).
         split: ``"train"`` or ``"val"``.
@@ -37,6 +49,8 @@ class CVUSA(PairDataset):
         FileNotFoundError: naming the missing directory, csv or image, and the expected layout.
         ValueError: a csv row that is not ``sat,ground,...`` or a csv without any row.
     """
+
+    position_metric = "haversine"
 
     def __init__(
         self,
@@ -74,6 +88,7 @@ class CVUSA(PairDataset):
             for path in (*queries, *references):
                 check_file(path, "CVUSA", LAYOUT)
         self.split = split
+        positions = _read_positions(self.root, labels)
         super().__init__(
             queries,
             references,
@@ -81,4 +96,37 @@ class CVUSA(PairDataset):
             query_transform=query_transform,
             reference_transform=reference_transform,
             pair_transform=pair_transform,
+            positions=positions,
         )
+
+
+def _read_positions(root: Path, labels: list[int]) -> np.ndarray | None:
+    """Each id's ground (latitude, longitude) from ``split_locations/all.csv``, or None."""
+    path = root / "split_locations" / "all.csv"
+    if not path.is_file():
+        logger.info(
+            "CVUSA: no %s (the 19zl splits hold no positions): the pairs have no positions, so "
+            "GPS-neighbour batches are not available",
+            path,
+        )
+        return None
+    rows = []
+    with path.open(newline="") as f:
+        for line, row in enumerate(csv.reader(f), start=1):
+            if not row:
+                continue
+            try:
+                rows.append((float(row[2]), float(row[3])))
+            except (IndexError, ValueError) as err:
+                raise ValueError(
+                    f"CVUSA: {path}:{line}: expected sat_lat,sat_lon,ground_lat,ground_lon,... "
+                    f"({err})"
+                ) from err
+    table = np.asarray(rows, dtype=np.float64).reshape(-1, 2)
+    ids = np.asarray(labels, dtype=np.int64)
+    if ids.min() < 1 or ids.max() > len(table):
+        raise ValueError(
+            f"CVUSA: {path} has {len(table)} rows but the split holds ids up to {ids.max()} "
+            "(row id - 1 holds id's position)"
+        )
+    return table[ids - 1]

@@ -414,6 +414,7 @@ class PreloadedPairs(Dataset):
         self.query = _apply(query_transform, self.query, "query_transform")
         self.labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
         self.positions = getattr(source, "positions", None)
+        self.position_metric = getattr(source, "position_metric", "euclidean")
         if not len(self.query) == len(self.reference) == len(self.labels):
             raise ValueError(
                 f"PreloadedPairs: {len(self.query)} queries, {len(self.reference)} references, "

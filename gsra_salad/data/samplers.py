@@ -274,7 +274,13 @@ class NeighbourBatchSampler(UniqueLabelBatchSampler):
         neighbours: (N, k) indices of each sample's nearest other samples.
         batch_size, num_batches, seed, drop_last, num_replicas, rank: as
             :class:`UniqueLabelBatchSampler`.
-        neighbours_per_anchor: how many of an anchor's neighbours join its batch.
+        neighbours_per_anchor: how many of an anchor's neighbours join its batch (at most).
+        nearest: ``None``: an anchor's neighbours join in order of nearness, skipping the
+            used ones, until ``neighbours_per_anchor`` have joined. A number n: Sample4Geo's
+            rule (``neighbour_select=64, neighbour_range=128``: n = 32): the candidates are
+            the n nearest neighbours and ``neighbours_per_anchor - n`` drawn at random (per
+            anchor and epoch, from ``seed``) from the rest of the list, each tried once; the
+            unused ones join while the batch has room.
 
     Example:
         >>> positions = np.array([[0.0, 0.0], [0.0, 1.0], [50.0, 0.0], [50.0, 1.0]])
@@ -292,6 +298,7 @@ class NeighbourBatchSampler(UniqueLabelBatchSampler):
         batch_size: int,
         *,
         neighbours_per_anchor: int = 3,
+        nearest: int | None = None,
         num_batches: int | None = None,
         seed: int = 0,
         drop_last: bool = True,
@@ -312,8 +319,16 @@ class NeighbourBatchSampler(UniqueLabelBatchSampler):
             raise ValueError(
                 f"neighbours must be (N, k) with N = {len(self.labels)}, got {neighbours.shape}"
             )
+        if neighbours_per_anchor < 0:
+            raise ValueError(f"neighbours_per_anchor must be >= 0, got {neighbours_per_anchor}")
+        if nearest is not None and not 0 <= nearest <= neighbours_per_anchor:
+            raise ValueError(
+                f"nearest must be None or in [0, neighbours_per_anchor={neighbours_per_anchor}], "
+                f"got {nearest}"
+            )
         self.neighbours = neighbours
         self.neighbours_per_anchor = neighbours_per_anchor
+        self.nearest = nearest
 
     @classmethod
     def from_positions(
@@ -365,11 +380,42 @@ class NeighbourBatchSampler(UniqueLabelBatchSampler):
 
     @classmethod
     def from_embeddings(
-        cls, labels, embeddings, batch_size: int, *, k: int = 16, **kwargs
+        cls,
+        labels,
+        embeddings,
+        batch_size: int,
+        *,
+        k: int = 16,
+        query_embeddings=None,
+        **kwargs,
     ) -> NeighbourBatchSampler:
-        """Neighbours by cosine similarity of (N, D) embeddings (e.g. the last evaluation's)."""
+        """Neighbours by cosine similarity of (N, D) embeddings (e.g. the last evaluation's).
+
+        Args:
+            labels: (N,) location ids.
+            embeddings: (N, D) embeddings of the samples' references.
+            batch_size: samples per batch on each rank.
+            k: neighbours per sample (at most N - 1).
+            query_embeddings: optional (N, D) embeddings of the samples' queries: sample i's
+                neighbours are then the references most similar to its query, its own
+                reference left out (Sample4Geo's ground->satellite neighbours); without
+                them, the references most similar to its reference.
+            **kwargs: the constructor's keyword arguments.
+
+        Example:
+            >>> refs = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+            >>> queries = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.1]])
+            >>> NeighbourBatchSampler.from_embeddings(
+            ...     [0, 1, 2], refs, 2, k=1, query_embeddings=queries
+            ... ).neighbours.tolist()
+            [[2], [0], [1]]
+        """
         k = min(k, len(embeddings) - 1)
-        return cls(labels, nearest_neighbours(embeddings, k, "cosine"), batch_size, **kwargs)
+        if query_embeddings is None:
+            neighbours = nearest_neighbours(embeddings, k, "cosine")
+        else:
+            neighbours = cross_neighbours(query_embeddings, embeddings, k)
+        return cls(labels, neighbours, batch_size, **kwargs)
 
     def update_embeddings(self, embeddings, k: int | None = None) -> None:
         """Recomputes the neighbour lists from new (N, D) embeddings (from the next epoch on)."""
@@ -392,14 +438,24 @@ class NeighbourBatchSampler(UniqueLabelBatchSampler):
             batch.append(int(index))
             return True
 
+        rng = np.random.default_rng([self.seed, self.epoch, len(order)])
         for anchor in order:
             if not take(anchor):
                 continue  # used already, or its label is in this batch: it stays for later
-            added = 0
-            for neighbour in self.neighbours[anchor]:
-                if len(batch) == size or added == self.neighbours_per_anchor:
-                    break
-                added += take(neighbour)
+            if self.nearest is None:
+                added = 0
+                for neighbour in self.neighbours[anchor]:
+                    if len(batch) == size or added == self.neighbours_per_anchor:
+                        break
+                    added += take(neighbour)
+            else:  # Sample4Geo: the nearest, then some drawn from the rest, each tried once
+                row = self.neighbours[anchor]
+                far = row[self.nearest :]
+                drawn = rng.permutation(far)[: self.neighbours_per_anchor - self.nearest]
+                for neighbour in (*row[: self.nearest], *drawn):
+                    if len(batch) == size:
+                        break
+                    take(neighbour)
             if len(batch) == size:
                 batches.append(batch)
                 batch, seen = [], set()
@@ -409,6 +465,37 @@ class NeighbourBatchSampler(UniqueLabelBatchSampler):
         if rest:
             batches += _pack_unique(np.asarray(rest, dtype=np.int64), self.labels, size)
         return batches
+
+
+def cross_neighbours(queries, references, k: int, chunk: int = 1024) -> np.ndarray:
+    """(N, k) indices of the references most similar (cosine) to each query, leaving out the
+    query's own reference (the same index): Sample4Geo's ``calc_sim``. Private.
+
+    Example:
+        >>> refs = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+        >>> cross_neighbours(refs[[2, 0, 1]], refs, 1).tolist()  # own reference left out
+        [[2], [0], [1]]
+    """
+    q = torch.nn.functional.normalize(
+        torch.as_tensor(np.asarray(queries), dtype=torch.float32), dim=1
+    )
+    r = torch.nn.functional.normalize(
+        torch.as_tensor(np.asarray(references), dtype=torch.float32), dim=1
+    )
+    n = len(r)
+    if q.shape != r.shape:
+        raise ValueError(
+            f"queries and references must both be (N, D), got {tuple(q.shape)} and {tuple(r.shape)}"
+        )
+    if not 0 < k < n:
+        raise ValueError(f"k must be between 1 and N - 1 = {n - 1}, got {k}")
+    out = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, chunk):
+        scores = q[start : start + chunk] @ r.T
+        rows = torch.arange(start, start + len(scores))
+        scores[rows - start, rows] = -float("inf")  # its own reference
+        out[start : start + len(scores)] = scores.topk(k, dim=1).indices.numpy()
+    return out
 
 
 def _neighbours_key(positions: np.ndarray, metric: str, k: int) -> str:

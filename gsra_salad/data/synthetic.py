@@ -235,9 +235,14 @@ def write_cvusa(
     pano_size: tuple[int, int] = (64, 256),
     seed: int = 0,
     hard: HardSetting | None = None,
+    locations: bool = False,
 ) -> Path:
     """Writes a synthetic CVUSA: ``splits/{train,val}-19zl.csv``, ``bingmap/19/<id>.jpg``,
     ``streetview/panos/<id>.jpg``. Returns ``root``.
+
+    ``locations=True`` also writes ``split_locations/all.csv`` (the full release's positions:
+    ``sat_lat, sat_lon, ground_lat, ground_lon, 0`` per id, on a jittered grid about 25 m
+    apart), which :class:`~gsra_salad.data.CVUSA` reads into ``positions``.
 
     ``hard=HardSetting(...)`` writes the hard setting instead (docs/synthetic-benchmark.md): ground
     views covering ``fov_degrees`` of the horizon at an unknown heading (cut from a ``pano_size``
@@ -268,6 +273,17 @@ def write_cvusa(
     for name, part in (("train", rows[:num_train]), ("val", rows[num_train:])):
         with (root / "splits" / f"{name}-19zl.csv").open("w", newline="") as f:
             csv.writer(f).writerows(part)
+    if locations:
+        n = len(rows)
+        side = int(np.ceil(np.sqrt(n)))
+        grid = np.stack(np.divmod(np.arange(n), side), axis=1).astype(np.float64)
+        jitter = np.random.default_rng([seed, 1]).normal(0, 0.1, (n, 2))
+        lat_lon = np.array([40.0, -100.0]) + (grid + jitter) * 0.000225  # ~25 m
+        (root / "split_locations").mkdir(parents=True, exist_ok=True)
+        with (root / "split_locations" / "all.csv").open("w", newline="") as f:
+            csv.writer(f).writerows(
+                [f"{lat:.7f}", f"{lon:.7f}", f"{lat:.7f}", f"{lon:.7f}", 0] for lat, lon in lat_lon
+            )
     return root
 
 

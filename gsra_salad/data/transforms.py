@@ -82,8 +82,14 @@ def train_transform(
     normalize: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    augmentations: Literal["library", "published"] = "library",
 ):
     """Training transform of one view: resize, colour jitter, blur, small occlusions, normalise.
+
+    ``augmentations="library"`` (the default) is this library's set (below);
+    ``"published"`` is LRFR's and Sample4Geo's (:func:`~gsra_salad.data.published_augmentation`:
+    JPEG, colour jitter p 0.5, blur or sharpen p 0.3, grid or coarse dropout p 0.3, with grid
+    ratio 0.5 for ``"ground"`` and 0.4 for the other views; no affine for drone views).
 
     Geometric augmentation that must keep the two views consistent (flips, rotations) belongs to
     :class:`PairedAugmentation`, which runs before these, or to
@@ -100,13 +106,15 @@ def train_transform(
             return pixels in the input's dtype (uint8 for uint8 input); occlusions are then
             filled with the mean colour, which normalises to 0 as with ``normalize=True``.
         mean, std: the normalisation's per-channel statistics (ImageNet's by default).
+        augmentations: ``"library"`` or ``"published"`` (see above; pixels come out as uint8).
 
     Returns:
         A ``torchvision.transforms.v2.Compose`` mapping an image (3, H, W) to a normalised
         float32 tensor (3, *image_size), or with ``normalize=False`` to pixels (3, *image_size).
 
     Raises:
-        ValueError: for an unknown ``view``; when called on a float image outside [0, 1].
+        ValueError: for an unknown ``view`` or ``augmentations``; when called on a float image
+            outside [0, 1].
 
     Example:
         >>> transform = train_transform("satellite", 24)
@@ -115,7 +123,21 @@ def train_transform(
     """
     if view not in ("satellite", "ground", "drone"):
         raise ValueError(f"view must be 'satellite', 'ground' or 'drone', got {view!r}")
+    if augmentations not in ("library", "published"):
+        raise ValueError(f"augmentations must be 'library' or 'published', got {augmentations!r}")
     v2 = require("torchvision.transforms.v2", "torchvision")
+    if augmentations == "published":
+        from .published import published_augmentation
+
+        ratio = 0.5 if view == "ground" else 0.4
+        steps = [
+            v2.Lambda(_check_pixels, Tensor),
+            v2.Resize(_size(image_size), antialias=True),
+            published_augmentation(_size(image_size), grid_ratio=ratio),
+        ]
+        if normalize:
+            steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        return v2.Compose(steps)
     steps = [
         v2.Lambda(_check_pixels, Tensor),
         v2.Resize(_size(image_size), antialias=True),
@@ -273,7 +295,12 @@ def resolve_input_config(source: Any, view: str = "query") -> InputConfig:
 
 
 def create_transform(
-    source: Any, view: str = "query", *, train: bool = False, normalize: bool = True
+    source: Any,
+    view: str = "query",
+    *,
+    train: bool = False,
+    normalize: bool = True,
+    augmentations: Literal["library", "published"] = "library",
 ):
     """The per-image transform a view of a model expects, built from its
     :class:`~gsra_salad.InputConfig` (like timm's ``create_transform``).
@@ -291,6 +318,8 @@ def create_transform(
         train: the view's training transform (:func:`train_transform`'s colour jitter, blur,
             sharpness and occlusions after the step above; the drone view's random affine is
             not included: use ``train_transform("drone", ...)`` for it).
+        augmentations: with ``train``, ``"library"`` or ``"published"`` (LRFR's and
+            Sample4Geo's, see :func:`train_transform`; the query view counts as a ground view).
         normalize: end normalised (float32); ``False`` returns pixels in the input's dtype
             (uint8 for uint8 or PIL input), for :class:`~gsra_salad.data.PreloadedPairs` or
             for a batch augmentation that runs later (the training loop normalises after it).
@@ -321,7 +350,12 @@ def create_transform(
         kind = "ground" if view == "query" else "satellite"  # the same steps for both
         steps.append(
             train_transform(
-                kind, config.image_size, normalize=normalize, mean=config.mean, std=config.std
+                kind,
+                config.image_size,
+                normalize=normalize,
+                mean=config.mean,
+                std=config.std,
+                augmentations=augmentations,
             )
         )
     elif normalize:

@@ -168,6 +168,7 @@ def evaluate_retrieval(
     backend: Literal["torch", "faiss"] = "torch",
     ties: Literal["pessimistic", "optimistic"] = "pessimistic",
     clip_ks: bool = False,
+    one_percent: Literal["floor", "lrfr"] = "floor",
 ) -> dict[str, float]:
     """Retrieval metrics of cross-view geo-localisation, streamed in query chunks.
 
@@ -192,7 +193,9 @@ def evaluate_retrieval(
       (e.g. LRFR's ``U1652DatasetEval(sample_ids=...)``), which is NOT the official protocol
       and scores higher.
 
-    ``R@1%`` uses k = max(1, ⌊R/100⌋), R the number of gallery items left after junk removal.
+    ``R@1%`` uses k = max(1, ⌊R/100⌋), R the number of gallery items left after junk removal
+    (``one_percent="floor"``); ``one_percent="lrfr"`` reports LRFR's "Recall@top1%" instead,
+    ``CMC[round(R/100)]`` (Python's ``round``), i.e. k = round(R/100) + 1: one position later.
 
     Ties are exactly equal similarities as computed. The default rule never rewards them: a
     collapsed model whose descriptors are all equal scores 0, not 100%, and a warning says
@@ -225,6 +228,8 @@ def evaluate_retrieval(
         ties: where a true match goes among references exactly as similar:
             ``"pessimistic"`` (after them) or ``"optimistic"`` (before them, as Sample4Geo
             counts; the University-1652 code leaves their order to ``np.argsort``).
+        one_percent: how ``R@1%`` is defined: ``"floor"`` (k = max(1, ⌊R/100⌋)) or
+            ``"lrfr"`` (LRFR's ``CMC[round(R/100)]``, k = round(R/100) + 1).
 
     Returns:
         ``{"R@1": ..., "R@5": ..., "R@10": ..., "R@1%": ...}`` (one ``R@k`` per k), plus ``"AP"``
@@ -269,6 +274,8 @@ def evaluate_retrieval(
             f"{owner}: distractors='drop' is a variant of the university1652 protocol; "
             f"protocol={protocol!r} keeps every reference"
         )
+    if one_percent not in ("floor", "lrfr"):
+        raise ValueError(f"{owner}: one_percent must be 'floor' or 'lrfr', got {one_percent!r}")
     if backend not in BACKENDS:
         raise ValueError(f"{owner}: backend must be one of {BACKENDS}, got {backend!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -313,7 +320,7 @@ def evaluate_retrieval(
     if backend == "faiss":
         from ._faiss import faiss_positions
 
-        k_max = max(*ks, max(1, num_kept // 100))
+        k_max = min(num_kept, max(*ks, _one_percent_k(num_kept, one_percent)))
         positions = faiss_positions(
             query_descriptors, reference_descriptors, true_index, kept,
             full=need_true, k_max=k_max, **search,
@@ -327,13 +334,18 @@ def evaluate_retrieval(
     if not constant:
         _warn_if_tied(positions.tied, ties, owner)
     result = {f"R@{r}": recall_at_k(positions.first, k) for r, k in zip(requested, ks)}
-    result["R@1%"] = recall_at_k(positions.first, max(1, num_kept // 100))
+    result["R@1%"] = recall_at_k(positions.first, _one_percent_k(num_kept, one_percent))
     if need_true:
         result["AP"] = 100.0 * float(average_precision(positions.true).mean())
     if with_positions:
         top1 = positions.top1.cpu()
         result.update(localisation_summary(geodesic_distance(q_pos, r_pos[top1], position_metric)))
     return result
+
+
+def _one_percent_k(gallery: int, rule: str) -> int:
+    """The cut-off k of ``R@1%``: ``max(1, ⌊G/100⌋)``, or LRFR's ``round(G/100) + 1``."""
+    return max(1, gallery // 100) if rule == "floor" else round(0.01 * gallery) + 1
 
 
 def _kept_references(

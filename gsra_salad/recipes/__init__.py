@@ -7,17 +7,20 @@ A :class:`Recipe` holds everything a run needs to know: the training hyper-param
 example scripts) build their command line from these fields, so there is one source for every
 default. Sits on top of the package: it imports models, data, losses and training.
 
-- ``"cvusa"``, ``"cvact"``: Sample4Geo's recipe with LRFR's model and loss;
-- ``"university1652"``: LRFR's recipe;
+- ``"sample4geo-cvusa"``, ``"sample4geo-cvact"``: Sample4Geo's recipe (InfoNCE, its schedule,
+  sampling and augmentations) on LRFR's model; ``"cvusa"`` and ``"cvact"`` are the same
+  recipes under the dataset's name (the defaults);
+- ``"lrfr-university1652"``: LRFR's recipe; ``"university1652"`` is the same (the default);
+- ``"lrfr-cvusa"``, ``"lrfr-cvact"``: Sample4Geo's recipe with LRFR's loss;
 - ``"cvusa-demo"``, ``"cvact-demo"``, ``"university1652-demo"``: synthetic data, CPU, minutes.
 
 Example:
     >>> from gsra_salad import recipes
-    >>> recipes.names()
-    ['cvact', 'cvact-demo', 'cvusa', 'cvusa-demo', 'university1652', 'university1652-demo']
+    >>> [name for name in recipes.names() if "cvusa" in name]
+    ['cvusa', 'cvusa-demo', 'lrfr-cvusa', 'sample4geo-cvusa']
     >>> recipe = recipes.get("cvusa")
     >>> recipe.train.batch_size, recipe.loss, recipe.source
-    (128, 'triplet', "Sample4Geo's recipe with LRFR's model and loss")
+    (128, 'infonce', "Sample4Geo's recipe (train_cvusa.py / train_cvact.py) on LRFR's model")
     >>> import dataclasses
     >>> short = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, epochs=2))
     >>> short.train.epochs == recipe.replace(epochs=2).train.epochs == 2

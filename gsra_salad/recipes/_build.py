@@ -68,6 +68,8 @@ def build_loss(recipe: Recipe, *, gather: bool = False):
     Example:
         >>> from gsra_salad import recipes
         >>> type(build_loss(recipes.get("cvusa"))).__name__
+        'InfoNCELoss'
+        >>> type(build_loss(recipes.get("lrfr-cvusa"))).__name__
         'SoftMarginTripletLoss'
     """
     from ..losses import InfoNCELoss, SoftMarginTripletLoss
@@ -150,9 +152,31 @@ def load_data(
         tasks, pairs, mining = _per_item(recipe, root, inputs, train)
     data = None
     if train:
+        _check_positions(recipe, root, pairs)
         augmentation = None if recipe.augmentation is None else recipe.augmentation.build(seed)
-        data = TrainData(pairs, augmentation, mining)
+        references, queries = mining if mining is not None else (None, None)
+        data = TrainData(pairs, augmentation, references, queries)
     return RunData(data, tasks, recipe.split, inputs)
+
+
+def _check_positions(recipe: Recipe, root, pairs) -> None:
+    """GPS batches need positions: say where they come from when the dataset has none."""
+    if recipe.train.mining not in ("gps", "gps+embedding"):
+        return
+    if getattr(pairs, "positions", None) is not None:
+        return
+    where = (
+        f"{Path(root) / 'split_locations' / 'all.csv'} (part of the full CVUSA release; the "
+        "19zl splits hold no positions)"
+        if recipe.dataset == "cvusa"
+        else "the dataset"
+    )
+    raise ValueError(
+        f"recipe {recipe.name!r} builds its first batches from GPS neighbours "
+        f"(mining={recipe.train.mining!r}), but the training pairs have no positions: they are "
+        f"read from {where}. Add the file, or train with --mining embedding (random batches "
+        "until the first evaluation)"
+    )
 
 
 def _threads() -> int:
@@ -175,6 +199,7 @@ def _university_tasks(split) -> list[RetrievalTask]:
             query_view="query",
             reference_view="reference",
             protocol="university1652",
+            papers_scoring=True,
         ),
         RetrievalTask(
             "satellite->drone",
@@ -183,6 +208,7 @@ def _university_tasks(split) -> list[RetrievalTask]:
             query_view="reference",
             reference_view="query",
             protocol="university1652",
+            papers_scoring=True,
         ),
     ]
 
@@ -227,7 +253,7 @@ def _in_memory(recipe: Recipe, root, inputs, train: bool):
     if not train:
         return tasks, None, None
     pairs = load_split("train")
-    return tasks, pairs, pairs.reference_set()
+    return tasks, pairs, (pairs.reference_set(), pairs.query_set())
 
 
 def _per_item(recipe: Recipe, root, inputs, train: bool):
@@ -236,6 +262,7 @@ def _per_item(recipe: Recipe, root, inputs, train: bool):
     from ..data import University1652, create_transform, train_transform
 
     evaluation = {side: create_transform(inputs[side], side) for side in inputs}
+    augment = {"augmentations": recipe.image_augmentation}
     if recipe.dataset == "university1652":
         tasks = _university_tasks(
             lambda view, side: University1652(root, "test", view=view, transform=evaluation[side])
@@ -245,17 +272,20 @@ def _per_item(recipe: Recipe, root, inputs, train: bool):
         query = inputs["query"]
         drone = (
             train_transform(
-                "drone", query.image_size, normalize=False, mean=query.mean, std=query.std
+                "drone", query.image_size, normalize=False, mean=query.mean, std=query.std,
+                augmentations=recipe.image_augmentation,
             )
             if query.view_transform == "none"
-            else create_transform(query, "query", train=True, normalize=False)
-        )
+            else create_transform(query, "query", train=True, normalize=False, **augment)
+        )  # fmt: skip
         pairs = University1652(
             root,
             "train",
             query_view="drone",
             query_transform=drone,
-            reference_transform=create_transform(inputs, "reference", train=True, normalize=False),
+            reference_transform=create_transform(
+                inputs, "reference", train=True, normalize=False, **augment
+            ),
         )
         return tasks, pairs, None
     reader = _reader(recipe)
@@ -273,8 +303,15 @@ def _per_item(recipe: Recipe, root, inputs, train: bool):
     pairs = reader(
         root,
         "train",
-        query_transform=create_transform(inputs, "query", train=True, normalize=False),
-        reference_transform=create_transform(inputs, "reference", train=True, normalize=False),
+        query_transform=create_transform(inputs, "query", train=True, normalize=False, **augment),
+        reference_transform=create_transform(
+            inputs, "reference", train=True, normalize=False, **augment
+        ),
     )
-    plain = reader(root, "train", reference_transform=evaluation["reference"])
-    return tasks, pairs, plain.reference_set()
+    plain = reader(
+        root,
+        "train",
+        query_transform=evaluation["query"],
+        reference_transform=evaluation["reference"],
+    )
+    return tasks, pairs, (plain.reference_set(), plain.query_set())

@@ -73,6 +73,10 @@ class Recipe:
             normalisation, view transform); the model records them.
         split: the evaluation split (``"val"`` or ``"test"``).
         augmentation: the paired augmentation of the training batches (``None``: none).
+        image_augmentation: the per-image training augmentations: ``"library"`` (this
+            library's colour jitter, blur, sharpness and erasing) or ``"published"`` (LRFR's and
+            Sample4Geo's: :func:`~gsra_salad.data.published_augmentation`); ``"published"``
+            needs per-item loading (an ``in_memory`` recipe augments whole batches only).
         in_memory: decode and resize every image once into memory
             (:class:`~gsra_salad.data.PreloadedPairs`) instead of a DataLoader per item.
         demo_locations: evaluation locations of the synthetic dataset (demo recipes only).
@@ -95,6 +99,7 @@ class Recipe:
     reference_input: InputConfig
     split: str = "val"
     augmentation: Augmentation | None = None
+    image_augmentation: Literal["library", "published"] = "library"
     in_memory: bool = False
     demo_locations: int | None = None
     notes: tuple[str, ...] = field(default=(), compare=False)
@@ -110,6 +115,16 @@ class Recipe:
         if self.split not in splits:
             raise ValueError(
                 f"{self.dataset} evaluates on {' or '.join(splits)}, got split={self.split!r}"
+            )
+        if self.image_augmentation not in ("library", "published"):
+            raise ValueError(
+                f"image_augmentation must be 'library' or 'published', got "
+                f"{self.image_augmentation!r}"
+            )
+        if self.in_memory and self.image_augmentation == "published":
+            raise ValueError(
+                "image_augmentation='published' runs per image, in the DataLoader; an in_memory "
+                "recipe augments whole batches only: use image_augmentation='library'"
             )
         if self.demo_locations is not None and self.demo_locations < 2:
             raise ValueError(f"demo_locations must be >= 2, got {self.demo_locations}")

@@ -23,6 +23,7 @@ __all__ = ["FREE_ON_RESUME", "ResumeError", "TrainConfig", "resume_changes"]
 
 Mining = Literal["none", "gps", "embedding", "gps+embedding"]
 MINING = ("none", "gps", "embedding", "gps+embedding")
+MiningFrom = Literal["reference", "query"]
 
 
 @dataclass
@@ -36,12 +37,18 @@ class TrainConfig:
         weight_decay: AdamW weight decay (torch's default 0.01).
         schedule: ``"cosine"``, ``"linear"`` or ``"constant"``, after the warmup.
         warmup_epochs: linear warmup length in epochs (may be fractional, 0 = none).
+        schedule_length: the schedule's length as a multiple of the run's steps T (>= 1): the
+            schedule is sized for ``int(schedule_length * T)`` steps, so with 1.0 it decays to 0
+            at the last step, and with LRFR's 1.05 (``get_linear_schedule_with_warmup(
+            num_training_steps=int(1.05 T))``) a linear schedule ends at ~4.8% of the peak.
         clip_value: clip every gradient element to [-clip_value, clip_value] (``None``: off;
             must be > 0 otherwise).
         clip_norm: clip the total gradient norm (``None``: off; must be > 0 otherwise).
         precision: ``"auto"`` (float16 + GradScaler on CUDA, float32 on CPU), ``"amp"``
             (float16 + GradScaler on CUDA, bfloat16 on CPU), ``"bf16"``, ``"fp16"`` or
             ``"fp32"`` (see :mod:`gsra_salad.training.precision`).
+        scaler_init_scale: the float16 GradScaler's initial scale (torch's 2**16; LRFR's
+            2**10); unused by the other precisions.
         grad_checkpointing: recompute the backbone's activations in backward.
         eval_every: evaluate every this many epochs (and after the last).
         eval_batch_size: images per batch when embedding for evaluation.
@@ -50,7 +57,15 @@ class TrainConfig:
             (neighbours in the last embeddings, rebuilt after each evaluation; random order
             before the first) or ``"gps+embedding"`` (GPS until the first evaluation).
         mining_neighbours: neighbours kept per sample for mining (Sample4Geo: pool 128).
-        neighbours_per_anchor: how many of an anchor's neighbours join its batch.
+        neighbours_per_anchor: how many of an anchor's neighbours join its batch (at most).
+        mining_nearest: ``None``: an anchor's neighbours join in order of nearness until
+            ``neighbours_per_anchor`` have joined; a number n (Sample4Geo: 32 of 64): the
+            candidates are the n nearest plus ``neighbours_per_anchor - n`` drawn at random
+            from the rest of the ``mining_neighbours`` pool, each tried once (the unused
+            ones join).
+        mining_from: whose embeddings give an anchor's neighbours: ``"reference"`` (the
+            references most similar to its reference) or ``"query"`` (the references most
+            similar to its query: Sample4Geo's ground->satellite neighbours).
         best_metric: the metric that decides ``best/``: ``"R@1"`` (the first task's), or
             ``"<task>/<metric>"`` (e.g. ``"drone->satellite/AP"``). Higher is better, except
             for metrics whose name starts with ``"median_error"`` or ``"mean_error"``.
@@ -78,15 +93,19 @@ class TrainConfig:
     weight_decay: float = 0.01
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_epochs: float = 1.0
+    schedule_length: float = 1.0
     clip_value: float | None = 100.0
     clip_norm: float | None = None
     precision: str = "auto"
+    scaler_init_scale: float = 65536.0
     grad_checkpointing: bool = False
     eval_every: int = 4
     eval_batch_size: int = 128
     mining: Mining = "none"
     mining_neighbours: int = 64
     neighbours_per_anchor: int = 3
+    mining_nearest: int | None = None
+    mining_from: MiningFrom = "reference"
     best_metric: str = "R@1"
     seed: int = 1
     workers: int = 4
@@ -121,6 +140,24 @@ class TrainConfig:
             raise ValueError(
                 f"neighbours_per_anchor must be >= 0, got {self.neighbours_per_anchor}"
             )
+        if self.mining_nearest is not None and not (
+            0 <= self.mining_nearest <= self.neighbours_per_anchor
+        ):
+            raise ValueError(
+                f"mining_nearest must be None or in [0, neighbours_per_anchor="
+                f"{self.neighbours_per_anchor}], got {self.mining_nearest}"
+            )
+        if self.mining_from not in ("reference", "query"):
+            raise ValueError(
+                f"mining_from must be 'reference' or 'query', got {self.mining_from!r}"
+            )
+        if self.schedule_length < 1:
+            raise ValueError(
+                f"schedule_length must be >= 1 (a multiple of the run's steps), got "
+                f"{self.schedule_length}"
+            )
+        if self.scaler_init_scale <= 0:
+            raise ValueError(f"scaler_init_scale must be > 0, got {self.scaler_init_scale}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.seed < 0:

@@ -79,6 +79,10 @@ class RetrievalTask:
             the metrics include the top-1 localisation error in metres.
         position_metric: ``"euclidean"`` (planar metres) or ``"haversine"`` (degrees), with
             positions.
+        papers_scoring: ``university1652`` only: also score the descriptors the way LRFR's
+            and Sample4Geo's code does (distractors dropped, ``R@1%`` as LRFR's
+            ``CMC[round(G/100)]``), reported beside the official scoring under the task name
+            ``"<name> (papers)"`` (the published University-1652 tables were scored so).
     """
 
     name: str
@@ -91,6 +95,10 @@ class RetrievalTask:
     query_positions: Any = None
     reference_positions: Any = None
     position_metric: str | None = None
+    papers_scoring: bool = False
+
+
+PAPERS_SUFFIX = " (papers)"
 
 
 @dataclass
@@ -113,6 +121,9 @@ class TrainData:
             seed.
         mining_set: ``(image, label)`` items aligned with ``pairs`` (usually its references
             with the evaluation transform) for embedding-neighbour mining.
+        mining_queries: ``(image, label)`` items aligned with ``pairs`` (its queries with the
+            evaluation transform), for ``config.mining_from="query"`` (Sample4Geo's
+            ground->satellite neighbours).
 
     Example:
         >>> TrainData([(torch.zeros(3, 4, 4), torch.zeros(3, 4, 4), 0)]).augmentation is None
@@ -122,12 +133,13 @@ class TrainData:
     pairs: Dataset
     augmentation: Any = None
     mining_set: Dataset | None = None
+    mining_queries: Dataset | None = None
 
 
 class TrainStep(nn.Module):
     """The model and the loss in one module: ``(query, reference, labels) -> loss``, so that
     DistributedDataParallel synchronises the loss's learnable temperature too. The loss runs in
-    float32 outside autocast.
+    float32 (float64 for float64 models) outside autocast.
 
     Shape:
         - Input: query (B, 3, H, W), reference (B, 3, H', W'), labels (B,)
@@ -148,7 +160,12 @@ class TrainStep(nn.Module):
     def forward(self, query: Tensor, reference: Tensor, labels: Tensor) -> Tensor:
         q, r = self.model(query, reference)
         with torch.autocast(q.device.type, enabled=False):
-            return self.loss(q.float(), r.float(), labels=labels)
+            return self.loss(_at_least_float32(q), _at_least_float32(r), labels=labels)
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    """float16 / bfloat16 -> float32; float32 and float64 stay (a float64 check stays exact)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 @dataclass
@@ -284,7 +301,9 @@ def evaluate(
 
     Returns:
         ``{task.name: {"R@1", "R@5", "R@10", "R@1%", ["AP"], ["median_error_m", ...],
-        "queries", "references"}}``.
+        "queries", "references"}}``, and for a task with ``papers_scoring`` also
+        ``{task.name + " (papers)": {...}}`` (the same descriptors scored with the
+        distractors dropped and LRFR's ``R@1%``; ``references`` counts the gallery kept).
     """
     context = context or get_context()
     if context.distributed:
@@ -315,6 +334,22 @@ def evaluate(
                 "queries": len(q),
                 "references": len(r),
             }
+            if task.papers_scoring:
+                if task.protocol != "university1652":
+                    raise ValueError(
+                        f"task {task.name!r}: papers_scoring applies to the university1652 "
+                        f"protocol only, got protocol={task.protocol!r}"
+                    )
+                papers = evaluate_retrieval(
+                    q, r, ql, rl, ks=RECALL_KS, clip_ks=True, protocol=task.protocol,
+                    distractors="drop", one_percent="lrfr",
+                )  # fmt: skip
+                kept = torch.isin(torch.as_tensor(rl), torch.as_tensor(ql))
+                results[task.name + PAPERS_SUFFIX] = {
+                    **{k: float(v) for k, v in papers.items()},
+                    "queries": len(q),
+                    "references": int(kept.sum()),
+                }
     finally:
         model.train(was_training)
     return results
@@ -324,9 +359,12 @@ def evaluate(
 
 
 def _schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupSchedule:
+    """The run's schedule: ``int(schedule_length x epochs x steps_per_epoch)`` steps long
+    (LRFR's ``num_training_steps=int(1.05 T)`` with ``schedule_length=1.05``)."""
+    steps = config.epochs * steps_per_epoch
     return WarmupSchedule(
         config.schedule,
-        config.epochs * steps_per_epoch,
+        steps if config.schedule_length == 1 else int(config.schedule_length * steps),
         round(config.warmup_epochs * steps_per_epoch),
     )
 
@@ -341,7 +379,9 @@ def build_train_state(
     device: torch.device | str = "cpu",
 ) -> TrainState:
     """A fresh :class:`TrainState`: AdamW over the model's and the loss's parameters, the
-    schedule sized from ``config.epochs x len(sampler)`` steps, a GradScaler for the precision.
+    schedule sized from ``config.epochs x len(sampler)`` steps (times
+    ``config.schedule_length``), a GradScaler for the precision (starting at
+    ``config.scaler_init_scale``).
 
     Args:
         model: the model (not wrapped in DistributedDataParallel).
@@ -365,7 +405,7 @@ def build_train_state(
     scheduler = build_scheduler(
         optimizer, config.schedule, schedule.total_steps, schedule.warmup_steps
     )
-    scaler = grad_scaler(device, config.precision)
+    scaler = grad_scaler(device, config.precision, init_scale=config.scaler_init_scale)
     return TrainState(config, model, loss, optimizer, scheduler, scaler, sampler, augmentation)
 
 
@@ -386,7 +426,11 @@ def _reschedule(state: TrainState, steps_per_epoch: int) -> None:
     )
 
 
-def _build_sampler(labels, positions, config: TrainConfig, per_rank: int, neighbours=None):
+def _build_sampler(labels, pairs, config: TrainConfig, per_rank: int, neighbours=None):
+    """The first epoch's batch sampler; GPS neighbours come from ``pairs.positions``, compared
+    by ``pairs.position_metric`` ("euclidean" UTM metres, the default, or "haversine")."""
+    positions = getattr(pairs, "positions", None)
+    metric = getattr(pairs, "position_metric", None) or "euclidean"
     kwargs = {"seed": config.seed, "drop_last": True}
     if neighbours is not None:  # mined neighbours of a resumed run
         return NeighbourBatchSampler(
@@ -394,6 +438,7 @@ def _build_sampler(labels, positions, config: TrainConfig, per_rank: int, neighb
             np.asarray(neighbours),
             per_rank,
             neighbours_per_anchor=config.neighbours_per_anchor,
+            nearest=config.mining_nearest,
             **kwargs,
         )
     if config.mining in ("gps", "gps+embedding"):
@@ -406,28 +451,39 @@ def _build_sampler(labels, positions, config: TrainConfig, per_rank: int, neighb
             labels,
             np.asarray(positions),
             per_rank,
-            metric="euclidean",
+            metric=metric,
             k=config.mining_neighbours,
             neighbours_per_anchor=config.neighbours_per_anchor,
+            nearest=config.mining_nearest,
             **kwargs,
         )
     return UniqueLabelBatchSampler(labels, per_rank, **kwargs)
 
 
-def _refresh_neighbours(state: TrainState, mining_set, labels, context, per_rank):
+def _refresh_neighbours(state: TrainState, mining_set, mining_queries, labels, context, per_rank):
     config = state.config
     descriptors, _ = _embed(state.model, mining_set, "reference", config, context)
+    queries = None
+    if config.mining_from == "query":
+        queries, _ = _embed(state.model, mining_queries, "query", config, context)
+        queries = queries.numpy()
     k = min(config.mining_neighbours, len(descriptors) - 1)
     sampler = NeighbourBatchSampler.from_embeddings(
         labels,
         descriptors.numpy(),
         per_rank,
         k=k,
+        query_embeddings=queries,
         neighbours_per_anchor=config.neighbours_per_anchor,
+        nearest=config.mining_nearest,
         seed=config.seed,
         drop_last=True,
     )
-    logger.info("hard negatives: rebuilt batches from %d embedding neighbours", k)
+    logger.info(
+        "hard negatives: rebuilt batches from %d %s->reference embedding neighbours",
+        k,
+        config.mining_from,
+    )
     return sampler
 
 
@@ -595,6 +651,12 @@ def _check_fit_arguments(model, loss, data: TrainData, config: TrainConfig, cont
         raise ValueError(
             f"mining={config.mining!r} needs TrainData(mining_set=...) (the images to embed)"
         )
+    if "embedding" in config.mining and config.mining_from == "query":
+        if data.mining_queries is None:
+            raise ValueError(
+                "mining_from='query' needs TrainData(mining_queries=...) (the training "
+                "queries with the evaluation transform)"
+            )
     if not hasattr(data.pairs, "labels"):
         raise ValueError(
             "the training pairs need a `labels` attribute (one location id per pair), as the "
@@ -678,9 +740,7 @@ def fit(
     labels = np.asarray(data.pairs.labels)  # type: ignore[attr-defined]
     per_rank = config.batch_size // context.world_size
     neighbours = None if saved is None else saved["sampler"].get("neighbours")
-    sampler = _build_sampler(
-        labels, getattr(data.pairs, "positions", None), config, per_rank, neighbours
-    )
+    sampler = _build_sampler(labels, data.pairs, config, per_rank, neighbours)
     state = build_train_state(
         model, loss, sampler, config, augmentation=data.augmentation, device=context.device
     )
@@ -717,7 +777,7 @@ def fit(
             callback.on_evaluate_end(state, last_metrics)
             if "embedding" in config.mining and data.mining_set is not None:
                 state.sampler = _refresh_neighbours(
-                    state, data.mining_set, labels, context, per_rank
+                    state, data.mining_set, data.mining_queries, labels, context, per_rank
                 )
         state.next_epoch = epoch + 1
         state.history.append(record)

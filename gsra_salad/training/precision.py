@@ -41,13 +41,22 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-def grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradScaler:
+def grad_scaler(
+    device: torch.device | str, precision: str, init_scale: float = 2.0**16
+) -> torch.amp.GradScaler:
     """A ``torch.amp.GradScaler``, enabled only for float16 (bfloat16 and float32 need none).
+
+    Args:
+        device: where training runs.
+        precision: a precision name (see :func:`resolve_precision`).
+        init_scale: the initial loss scale (torch's default 2**16; LRFR starts at 2**10).
 
     Example:
         >>> grad_scaler("cpu", "fp32").is_enabled()
         False
+        >>> grad_scaler("cpu", "fp32", init_scale=2.0**10).get_scale()  # disabled: 1.0
+        1.0
     """
     device = torch.device(device)
     enabled = resolve_precision(precision, device) == "fp16"
-    return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=enabled)
