@@ -524,13 +524,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     config = dataclasses.replace(recipe.train, output_dir=str(output))
     try:
         with contextlib.ExitStack() as stack:
-            seed_everything(config.seed)
-            model = _load_model(args, recipe)
-            recipe = dataclasses.replace(  # a checkpoint's own inputs win: record them
-                recipe,
-                query_input=model.input_config["query"],
-                reference_input=model.input_config["reference"],
-            )
+            model = None
+            if args.checkpoint is not None:  # its own inputs decide how the data is read
+                seed_everything(config.seed)
+                model = _load_model(args, recipe)
+                recipe = dataclasses.replace(
+                    recipe,
+                    query_input=model.input_config["query"],
+                    reference_input=model.input_config["reference"],
+                )
             if args.demo:
                 root = _demo_root(recipe, config.seed, context, stack)
                 log(
@@ -539,9 +541,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 )
             else:
                 root = args.data_root
-            data = recipes.load_data(
-                recipe, root, model.input_config, train=not args.eval_only, seed=config.seed
-            )
+            data = recipes.load_data(recipe, root, train=not args.eval_only, seed=config.seed)
+            if model is None:  # built after the data: a missing file fails before a download
+                seed_everything(config.seed)
+                model = _load_model(args, recipe)
             if args.eval_only:
                 model.to(context.device)
                 metrics = evaluate(model, data.tasks, config, context)
