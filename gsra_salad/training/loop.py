@@ -445,7 +445,9 @@ def _build_sampler(labels, pairs, config: TrainConfig, per_rank: int, neighbours
         if positions is None:
             raise ValueError(
                 f"mining={config.mining!r} needs the training set's GPS positions "
-                "(dataset.positions), but it has none; use mining='none' or 'embedding'"
+                "(dataset.positions), but it has none; use mining='none' or 'embedding' "
+                "(--mining embedding), or give the dataset its positions (CVUSA: "
+                "split_locations/all.csv of the full release)"
             )
         return NeighbourBatchSampler.from_positions(
             labels,
