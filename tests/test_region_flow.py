@@ -65,9 +65,22 @@ def test_the_training_split_is_cvusa_drawn_from_the_region(tmp_path):
     size = 2 * 16 + 32  # (3 - 1) * stride + tile_size
     assert (xy >= 16).all() and (xy <= size - 16).all()  # tiles lie inside the map
     meta = json.loads((root / "region.json").read_text())
-    assert (meta["num_train"], meta["num_val"]) == (6, 3)
+    assert (meta["num_train"], meta["num_val"], meta["pair_offset"]) == (6, 3, 8)  # stride // 2
     with pytest.raises(ValueError, match="both 0"):
         write_region(tmp_path / "bad", num_train=4, **TINY_REGION)
+    with pytest.raises(ValueError, match="pair_offset must be >= 0"):
+        write_region(tmp_path / "bad", num_train=4, num_val=2, pair_offset=-1, **TINY_REGION)
+
+
+def test_pair_offset_moves_the_tile_not_the_panorama(tmp_path):
+    from gsra_salad.data.synthetic import write_region
+
+    centred = write_region(tmp_path / "a", num_train=8, num_val=2, pair_offset=0, **TINY_REGION)
+    moved = write_region(tmp_path / "b", num_train=8, num_val=2, pair_offset=6, **TINY_REGION)
+    a = np.array([[float(x), float(y)] for _, x, y in _rows(centred / "positions.csv")[1:]])
+    b = np.array([[float(x), float(y)] for _, x, y in _rows(moved / "positions.csv")[1:]])
+    shift = np.abs(a - b)
+    assert shift.max() <= 6 and shift.max() > 0
 
 
 def test_train_index_locate_with_the_error_summary(trained, tmp_path, capsys):

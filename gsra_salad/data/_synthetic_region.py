@@ -75,6 +75,7 @@ def write_region(
     metres_per_pixel: float = 1.0,
     num_train: int = 0,
     num_val: int = 0,
+    pair_offset: int | None = None,
     seed: int = 0,
 ) -> Path:
     """Writes a synthetic region: one aerial map cut into overlapping tiles on a grid, and
@@ -94,9 +95,11 @@ def write_region(
     (the parameters); paths in the CSVs are relative to ``root``.
 
     With ``num_train`` / ``num_val`` > 0, also a training and a validation split in CVUSA's
-    layout (read by :class:`~gsra_salad.data.CVUSA`, so a recipe trains on it): pairs at
-    further uniform random points of the same map, each a ``tile_size`` satellite tile centred
-    on its point and the panorama taken there, each with its own photometric change:
+    layout (read by :class:`~gsra_salad.data.CVUSA`, so a recipe trains on it): panoramas at
+    further uniform random points of the same map, each paired with a ``tile_size`` satellite
+    tile centred up to ``pair_offset`` pixels away in x and in y (uniform; by default
+    ``stride // 2``, as far as a photo lies from its nearest grid tile), each image with its
+    own photometric change:
     ``bingmap/19/<id>.jpg``, ``streetview/panos/<id>.jpg``, ``splits/{train,val}-19zl.csv``
     and ``positions.csv`` (``path,x,y``: each satellite tile's centre). This is VIGOR's
     *same-area* setting: the model sees the region's map during training, never the query
@@ -114,6 +117,8 @@ def write_region(
         num_train: training pairs in CVUSA's layout (0: none).
         num_val: validation pairs in CVUSA's layout (what a recipe evaluates on while
             training; > 0 whenever ``num_train`` is).
+        pair_offset: the largest offset, in pixels along each axis, of a pair's tile centre
+            from its panorama's point (0: centred, as in CVUSA); default ``stride // 2``.
         seed: everything is seeded: the same arguments write the same files.
 
     Returns:
@@ -143,6 +148,8 @@ def write_region(
             f"recipe trains on one and evaluates on the other), got num_train={num_train}, "
             f"num_val={num_val}"
         )
+    if pair_offset is not None and pair_offset < 0:
+        raise ValueError(f"write_region: pair_offset must be >= 0, got {pair_offset}")
     root = Path(root)
     height, width = (rows - 1) * stride + tile_size, (cols - 1) * stride + tile_size
     map_rng, query_rng, *tile_rngs, pair_rng = _rngs(seed, 3 + rows * cols)
@@ -172,15 +179,20 @@ def write_region(
 
     tables = [("tiles.csv", tile_rows), ("queries.csv", query_rows)]
     if num_train:
+        offset = stride // 2 if pair_offset is None else pair_offset
         pair_rows, positions = [], []
         for i in range(1, num_train + num_val + 1):  # CVUSA's ids: 0000001, 0000002, ...
             cy = pair_rng.uniform(half, height - half)
             cx = pair_rng.uniform(half, width - half)
             top, left = round(cy - half), round(cx - half)
+            ground_crop = region[top : top + tile_size, left : left + tile_size]
+            dy, dx = np.rint(pair_rng.uniform(-offset, offset, 2)).astype(int)
+            top = int(np.clip(top + dy, 0, height - tile_size))
+            left = int(np.clip(left + dx, 0, width - tile_size))
             crop = region[top : top + tile_size, left : left + tile_size]
             sat, ground = f"bingmap/19/{i:07d}.jpg", f"streetview/panos/{i:07d}.jpg"
             _save(photometric(pair_rng, crop), root / sat)
-            _save(photometric(pair_rng, ground_view(crop, pano_size)), root / ground)
+            _save(photometric(pair_rng, ground_view(ground_crop, pano_size)), root / ground)
             pair_rows.append([sat, ground, f"streetview/annotations/{i:07d}.png"])
             positions.append([sat, *position(top + half, left + half)])
         (root / "splits").mkdir(parents=True, exist_ok=True)
@@ -195,6 +207,7 @@ def write_region(
         "grid": [rows, cols], "num_queries": num_queries, "tile_size": tile_size,
         "stride": stride, "pano_size": list(pano_size), "metres_per_pixel": metres_per_pixel,
         "num_train": num_train, "num_val": num_val,
+        "pair_offset": stride // 2 if pair_offset is None else pair_offset,
         "seed": seed, "map_size": [height, width], "metric": "euclidean",
     }  # fmt: skip
     (root / "region.json").write_text(json.dumps(parameters, indent=2))

@@ -277,7 +277,8 @@ def run_index(args: argparse.Namespace) -> int:
         out = args.out
         if _occupied(out):
             raise CommandError(f"{out} exists and is not a gallery index; choose another --out")
-        model = _load_model(args.checkpoint).to(args.device)
+        device = _join_torchrun(args.device)
+        model = _load_model(args.checkpoint).to(device)
         transform = _transform(model, "reference", args.image_size, "index")
         dtype = torch.float16 if args.dtype == "float16" else torch.float32
         index = GalleryIndex.build(
@@ -306,6 +307,10 @@ def run_index(args: argparse.Namespace) -> int:
         index.save(out)
         summary = {"index": str(out), "tiles": len(index), "dim": index.dim, "metric": metric}
         print(json.dumps(summary))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ..training import cleanup_distributed
+
+        cleanup_distributed()
     return 0
 
 
@@ -364,6 +369,17 @@ def _dataset_tiles(args: argparse.Namespace) -> tuple[list[str], np.ndarray, str
             "with their positions in --tiles CSV"
         )
     return paths, np.asarray(positions, dtype=np.float64), metric, root
+
+
+def _join_torchrun(device: str) -> torch.device | str:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): joins the process group, so that the embedding
+    shards the tiles over the ranks, and returns this rank's device (``cuda`` means
+    ``cuda:LOCAL_RANK``); otherwise ``device`` unchanged."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    from ..training import init_distributed
+
+    return init_distributed(device).device
 
 
 def _read_photos(paths: list[Path], transform: Any) -> tuple[list, list, list[str]]:
