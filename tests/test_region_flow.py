@@ -180,3 +180,24 @@ def test_index_dataset_bad_input(trained, tmp_path, capsys, argv, message):
                             tmp_path / "ix")  # fmt: skip
     assert status == 2 and message in err and out == ""
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ix").exists()
+
+
+def test_train_region_refuses_a_region_without_a_training_split(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gsra_salad.data.synthetic import write_region
+
+    repo = Path(__file__).resolve().parents[1]
+    root = write_region(tmp_path / "region", **TINY_REGION)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])
+    )
+    done = subprocess.run(
+        [sys.executable, str(repo / "examples" / "train_region.py"), "--region", str(root)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0 and "holds a region without a training split" in done.stderr
+    assert not (tmp_path / "runs").exists()
