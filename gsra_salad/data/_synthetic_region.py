@@ -178,28 +178,10 @@ def write_region(
         query_rows.append([name, *position(top + half, left + half)])
 
     tables = [("tiles.csv", tile_rows), ("queries.csv", query_rows)]
+    offset = stride // 2 if pair_offset is None else pair_offset
     if num_train:
-        offset = stride // 2 if pair_offset is None else pair_offset
-        pair_rows, positions = [], []
-        for i in range(1, num_train + num_val + 1):  # CVUSA's ids: 0000001, 0000002, ...
-            cy = pair_rng.uniform(half, height - half)
-            cx = pair_rng.uniform(half, width - half)
-            top, left = round(cy - half), round(cx - half)
-            ground_crop = region[top : top + tile_size, left : left + tile_size]
-            dy, dx = np.rint(pair_rng.uniform(-offset, offset, 2)).astype(int)
-            top = int(np.clip(top + dy, 0, height - tile_size))
-            left = int(np.clip(left + dx, 0, width - tile_size))
-            crop = region[top : top + tile_size, left : left + tile_size]
-            sat, ground = f"bingmap/19/{i:07d}.jpg", f"streetview/panos/{i:07d}.jpg"
-            _save(photometric(pair_rng, crop), root / sat)
-            _save(photometric(pair_rng, ground_view(ground_crop, pano_size)), root / ground)
-            pair_rows.append([sat, ground, f"streetview/annotations/{i:07d}.png"])
-            positions.append([sat, *position(top + half, left + half)])
-        (root / "splits").mkdir(parents=True, exist_ok=True)
-        for split, part in (("train", pair_rows[:num_train]), ("val", pair_rows[num_train:])):
-            with (root / "splits" / f"{split}-19zl.csv").open("w", newline="") as f:
-                csv.writer(f).writerows(part)
-        tables.append(("positions.csv", positions))
+        pairs = (num_train, num_val, offset, tile_size, pano_size)
+        tables.append(("positions.csv", _write_pairs(root, region, pair_rng, pairs, position)))
     for name, table in tables:
         with (root / name).open("w", newline="") as f:
             csv.writer(f).writerows([["path", "x", "y"], *table])
@@ -207,8 +189,34 @@ def write_region(
         "grid": [rows, cols], "num_queries": num_queries, "tile_size": tile_size,
         "stride": stride, "pano_size": list(pano_size), "metres_per_pixel": metres_per_pixel,
         "num_train": num_train, "num_val": num_val,
-        "pair_offset": stride // 2 if pair_offset is None else pair_offset,
+        "pair_offset": offset,
         "seed": seed, "map_size": [height, width], "metric": "euclidean",
     }  # fmt: skip
     (root / "region.json").write_text(json.dumps(parameters, indent=2))
     return root
+
+
+def _write_pairs(root: Path, region: np.ndarray, rng: np.random.Generator, pairs, position):
+    """The training and validation splits in CVUSA's layout; returns positions.csv's rows."""
+    num_train, num_val, offset, tile_size, pano_size = pairs
+    height, width = region.shape[:2]
+    half = tile_size / 2
+    pair_rows, positions = [], []
+    for i in range(1, num_train + num_val + 1):  # CVUSA's ids: 0000001, 0000002, ...
+        cy, cx = rng.uniform(half, height - half), rng.uniform(half, width - half)
+        top, left = round(cy - half), round(cx - half)
+        ground_crop = region[top : top + tile_size, left : left + tile_size]
+        dy, dx = np.rint(rng.uniform(-offset, offset, 2)).astype(int)
+        top = int(np.clip(top + dy, 0, height - tile_size))
+        left = int(np.clip(left + dx, 0, width - tile_size))
+        crop = region[top : top + tile_size, left : left + tile_size]
+        sat, ground = f"bingmap/19/{i:07d}.jpg", f"streetview/panos/{i:07d}.jpg"
+        _save(photometric(rng, crop), root / sat)
+        _save(photometric(rng, ground_view(ground_crop, pano_size)), root / ground)
+        pair_rows.append([sat, ground, f"streetview/annotations/{i:07d}.png"])
+        positions.append([sat, *position(top + half, left + half)])
+    (root / "splits").mkdir(parents=True, exist_ok=True)
+    for split, part in (("train", pair_rows[:num_train]), ("val", pair_rows[num_train:])):
+        with (root / "splits" / f"{split}-19zl.csv").open("w", newline="") as f:
+            csv.writer(f).writerows(part)
+    return positions
