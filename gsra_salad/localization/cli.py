@@ -345,8 +345,9 @@ def _dataset_tiles(args: argparse.Namespace) -> tuple[list[str], np.ndarray, str
             positions = None
     except (OSError, ValueError, KeyError) as err:
         raise CommandError(" ".join(str(err).strip("'\"").split())) from err
-    root = Path(args.data_root).resolve()
-    paths = [str(Path(t).resolve().relative_to(root)) for t in tiles]
+    root = Path(args.data_root)
+    paths = [_relative(Path(t), root) for t in tiles]
+    root = root.resolve()
     metric = "euclidean"  # CVACT's UTM metres
     if args.positions is not None:
         given, table, metric = read_positions_csv(args.positions)
@@ -369,6 +370,14 @@ def _dataset_tiles(args: argparse.Namespace) -> tuple[list[str], np.ndarray, str
             "with their positions in --tiles CSV"
         )
     return paths, np.asarray(positions, dtype=np.float64), metric, root
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` where it lies below it (the tile's id), else absolute."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path.resolve())
 
 
 def _join_torchrun(device: str) -> torch.device | str:
