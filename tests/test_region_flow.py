@@ -201,3 +201,33 @@ def test_train_region_refuses_a_region_without_a_training_split(tmp_path):
     )  # fmt: skip
     assert done.returncode != 0 and "holds a region without a training split" in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_index_under_torchrun_shards_and_equals_one_process(trained, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gsra_salad.localization import GalleryIndex
+    from tests._helpers import free_port
+
+    root, checkpoint = trained
+    status, _, err = _run(capsys, "index", "--checkpoint", checkpoint, "--tiles",
+                          root / "tiles.csv", "--out", tmp_path / "one")  # fmt: skip
+    assert status == 0, err
+    repo = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), "-m", "gsra_salad", "index", "--checkpoint",
+        str(checkpoint), "--tiles", str(root / "tiles.csv"), "--out", str(tmp_path / "two"),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout.strip().splitlines()) == 1  # only rank 0 saves and prints
+    one, two = GalleryIndex.load(tmp_path / "one"), GalleryIndex.load(tmp_path / "two")
+    assert one.paths == two.paths
+    np.testing.assert_array_equal(np.asarray(one.descriptors), np.asarray(two.descriptors))
+    np.testing.assert_array_equal(one.positions, two.positions)
