@@ -248,6 +248,25 @@ def test_clip_value_none_turns_clipping_off(capsys):
     assert resolve_recipe(args).train.clip_value == 100.0
 
 
+def test_demo_with_data_root_is_the_demo_recipe_on_that_folder(capsys, tmp_path):
+    import argparse
+
+    from gsra_salad.cli._train import add_arguments, resolve_recipe
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, "cvusa")
+    args = parser.parse_args(["--demo", "--data-root", str(tmp_path)])
+    args.dataset = "cvusa"
+    assert resolve_recipe(args) == recipes.get("cvusa-demo").replace(progress=True)
+    code, _, err = _train(capsys, "--output-dir", str(tmp_path / "x"))
+    assert code == 2 and err == "train: error: one of --data-root and --demo is required"
+    code, _, err = _train(capsys, *TINY, "--data-root", str(tmp_path), "--output-dir",
+                          str(tmp_path / "x"))  # fmt: skip
+    assert code == 2 and "--demo-locations only applies to --demo without --data-root" in err
+    code, _, err = _train(capsys, "--demo", "--data-root", str(tmp_path / "none"))
+    assert code == 2 and "--data-root" in err and "no such directory" in err
+
+
 def test_stale_demo_data_of_killed_runs_is_removed(tmp_path, monkeypatch):
     import subprocess
     import sys

@@ -172,13 +172,14 @@ def _add_recipe_fields(group, dataset: str, default, demo: recipes.Recipe) -> No
 def add_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     """The options of ``train DATASET`` (also those of ``examples/train_<dataset>.py``)."""
     title = DATASETS[dataset]
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_argument_group("data (one of --data-root and --demo, or both)")
     source.add_argument("--data-root", type=Path, help=f"the {title} directory")
     source.add_argument(
         "--demo",
         action="store_true",
         help="write a synthetic dataset in the same layout to a temporary folder and train a "
-        "small model on it (CPU, minutes)",
+        "small model on it (CPU, minutes); with --data-root: the demo recipe on that folder "
+        "(e.g. a synthetic region's training split)",
     )
     run = parser.add_argument_group("run options")
     run.add_argument(
@@ -310,8 +311,10 @@ def resolve_recipe(args: argparse.Namespace) -> recipes.Recipe:
         if size is not None:
             changes[f"{view}_size"] = tuple(size)
     changes["progress"] = not args.no_progress
-    if args.demo_locations is not None and not args.demo:
-        raise UsageError("--demo-locations only applies to --demo")
+    if not args.demo and args.data_root is None:
+        raise UsageError("one of --data-root and --demo is required")
+    if args.demo_locations is not None and (not args.demo or args.data_root is not None):
+        raise UsageError("--demo-locations only applies to --demo without --data-root")
     try:
         return recipe.replace(**changes)
     except ValueError as err:
@@ -514,7 +517,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         _check_output(output, args, recipe)
     elif args.resume or args.overwrite:
         raise UsageError("--eval-only writes no run: drop --resume / --overwrite")
-    if not args.demo and not args.data_root.is_dir():
+    if args.data_root is not None and not args.data_root.is_dir():
         raise UsageError(f"--data-root {args.data_root}: no such directory")
     context = _init(args.device, init_distributed)
     log = print if context.is_main else (lambda *a, **k: None)
@@ -533,7 +536,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     query_input=model.input_config["query"],
                     reference_input=model.input_config["reference"],
                 )
-            if args.demo:
+            if args.demo and args.data_root is None:
                 root = _demo_root(recipe, config.seed, context, stack)
                 log(
                     f"wrote a synthetic {DATASETS[recipe.dataset]} ({recipe.demo_locations} "

@@ -73,10 +73,14 @@ def write_region(
     stride: int = 32,
     pano_size: tuple[int, int] = (32, 128),
     metres_per_pixel: float = 1.0,
+    num_train: int = 0,
+    num_val: int = 0,
+    pair_offset: int | None = None,
     seed: int = 0,
 ) -> Path:
     """Writes a synthetic region: one aerial map cut into overlapping tiles on a grid, and
-    ground panoramas taken at random points of it (not at tile centres).
+    ground panoramas taken at random points of it (not at tile centres); optionally, a
+    training split of the same map in CVUSA's layout.
 
     The map is ``(rows - 1) * stride + tile_size`` pixels high (likewise wide), drawn at the
     scale of ``tile_size``-pixel tiles. Tile ``(r, c)`` is the crop whose top-left corner is
@@ -90,6 +94,17 @@ def write_region(
     ``queries/q<i>.jpg``, ``queries.csv`` (``path,x,y``: the true positions), ``region.json``
     (the parameters); paths in the CSVs are relative to ``root``.
 
+    With ``num_train`` / ``num_val`` > 0, also a training and a validation split in CVUSA's
+    layout (read by :class:`~gsra_salad.data.CVUSA`, so a recipe trains on it): panoramas at
+    further uniform random points of the same map, each paired with a ``tile_size`` satellite
+    tile centred up to ``pair_offset`` pixels away in x and in y (uniform; by default
+    ``stride // 2``, as far as a photo lies from its nearest grid tile), each image with its
+    own photometric change:
+    ``bingmap/19/<id>.jpg``, ``streetview/panos/<id>.jpg``, ``splits/{train,val}-19zl.csv``
+    and ``positions.csv`` (``path,x,y``: each satellite tile's centre). This is VIGOR's
+    *same-area* setting: the model sees the region's map during training, never the query
+    panoramas nor the grid's tiles.
+
     Args:
         root: output directory.
         grid: (rows, cols) of tiles.
@@ -99,6 +114,11 @@ def write_region(
         stride: pixels between neighbouring tiles' centres (< tile_size: overlapping tiles).
         pano_size: (H, W) of the panoramas.
         metres_per_pixel: ground sampling distance.
+        num_train: training pairs in CVUSA's layout (0: none).
+        num_val: validation pairs in CVUSA's layout (what a recipe evaluates on while
+            training; > 0 whenever ``num_train`` is).
+        pair_offset: the largest offset, in pixels along each axis, of a pair's tile centre
+            from its panorama's point (0: centred, as in CVUSA); default ``stride // 2``.
         seed: everything is seeded: the same arguments write the same files.
 
     Returns:
@@ -110,6 +130,11 @@ def write_region(
         ...                     stride=16, pano_size=(16, 64))
         >>> sorted(p.name for p in root.iterdir())
         ['queries', 'queries.csv', 'region.json', 'tiles', 'tiles.csv']
+        >>> root = write_region(tempfile.mkdtemp(), grid=(3, 3), num_queries=2, tile_size=32,
+        ...                     stride=16, pano_size=(16, 64), num_train=4, num_val=2)
+        >>> from gsra_salad.data import CVUSA
+        >>> len(CVUSA(root, "train")), len(CVUSA(root, "val"))
+        (4, 2)
     """
     rows, cols = grid
     if rows < 1 or cols < 1 or not 0 < stride or tile_size < 8 or num_queries < 0:
@@ -117,9 +142,17 @@ def write_region(
             f"write_region: need grid >= (1, 1), stride > 0, tile_size >= 8 and num_queries >= "
             f"0, got grid={grid}, stride={stride}, tile_size={tile_size}, num_queries={num_queries}"
         )
+    if num_train < 0 or num_val < 0 or (num_train > 0) != (num_val > 0):
+        raise ValueError(
+            "write_region: num_train and num_val are both 0 (no training split) or both > 0 (a "
+            f"recipe trains on one and evaluates on the other), got num_train={num_train}, "
+            f"num_val={num_val}"
+        )
+    if pair_offset is not None and pair_offset < 0:
+        raise ValueError(f"write_region: pair_offset must be >= 0, got {pair_offset}")
     root = Path(root)
     height, width = (rows - 1) * stride + tile_size, (cols - 1) * stride + tile_size
-    map_rng, query_rng, *tile_rngs = _rngs(seed, 2 + rows * cols)
+    map_rng, query_rng, *tile_rngs, pair_rng = _rngs(seed, 3 + rows * cols)
     region = aerial_map(map_rng, height, width, tile_size)
 
     def position(row_px: float, col_px: float) -> tuple[float, float]:
@@ -144,13 +177,46 @@ def write_region(
         _save(photometric(query_rng, ground_view(crop, pano_size)), root / name)
         query_rows.append([name, *position(top + half, left + half)])
 
-    for name, table in (("tiles.csv", tile_rows), ("queries.csv", query_rows)):
+    tables = [("tiles.csv", tile_rows), ("queries.csv", query_rows)]
+    offset = stride // 2 if pair_offset is None else pair_offset
+    if num_train:
+        pairs = (num_train, num_val, offset, tile_size, pano_size)
+        tables.append(("positions.csv", _write_pairs(root, region, pair_rng, pairs, position)))
+    for name, table in tables:
         with (root / name).open("w", newline="") as f:
             csv.writer(f).writerows([["path", "x", "y"], *table])
     parameters = {
         "grid": [rows, cols], "num_queries": num_queries, "tile_size": tile_size,
         "stride": stride, "pano_size": list(pano_size), "metres_per_pixel": metres_per_pixel,
+        "num_train": num_train, "num_val": num_val,
+        "pair_offset": offset,
         "seed": seed, "map_size": [height, width], "metric": "euclidean",
     }  # fmt: skip
     (root / "region.json").write_text(json.dumps(parameters, indent=2))
     return root
+
+
+def _write_pairs(root: Path, region: np.ndarray, rng: np.random.Generator, pairs, position):
+    """The training and validation splits in CVUSA's layout; returns positions.csv's rows."""
+    num_train, num_val, offset, tile_size, pano_size = pairs
+    height, width = region.shape[:2]
+    half = tile_size / 2
+    pair_rows, positions = [], []
+    for i in range(1, num_train + num_val + 1):  # CVUSA's ids: 0000001, 0000002, ...
+        cy, cx = rng.uniform(half, height - half), rng.uniform(half, width - half)
+        top, left = round(cy - half), round(cx - half)
+        ground_crop = region[top : top + tile_size, left : left + tile_size]
+        dy, dx = np.rint(rng.uniform(-offset, offset, 2)).astype(int)
+        top = int(np.clip(top + dy, 0, height - tile_size))
+        left = int(np.clip(left + dx, 0, width - tile_size))
+        crop = region[top : top + tile_size, left : left + tile_size]
+        sat, ground = f"bingmap/19/{i:07d}.jpg", f"streetview/panos/{i:07d}.jpg"
+        _save(photometric(rng, crop), root / sat)
+        _save(photometric(rng, ground_view(ground_crop, pano_size)), root / ground)
+        pair_rows.append([sat, ground, f"streetview/annotations/{i:07d}.png"])
+        positions.append([sat, *position(top + half, left + half)])
+    (root / "splits").mkdir(parents=True, exist_ok=True)
+    for split, part in (("train", pair_rows[:num_train]), ("val", pair_rows[num_train:])):
+        with (root / "splits" / f"{split}-19zl.csv").open("w", newline="") as f:
+            csv.writer(f).writerows(part)
+    return positions

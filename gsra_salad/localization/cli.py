@@ -75,7 +75,9 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     ``index --checkpoint DIR --tiles TILES.csv --out INDEX``: embeds the tiles listed in the
     CSV (header ``path,lat,lon`` in degrees or ``path,x,y`` in planar metres; paths relative to
     the CSV's folder) with the model saved in ``DIR`` (``save_pretrained``) and writes the
-    gallery index to ``INDEX``, atomically.
+    gallery index to ``INDEX``, atomically. ``--dataset cvusa|cvact|university1652
+    --data-root ROOT --split SPLIT`` takes the satellite tiles of a dataset's split instead;
+    CVACT records UTM positions, CVUSA and University-1652 record none: ``--positions CSV``.
 
     Args:
         parser: an ``argparse.ArgumentParser`` or a subparser.
@@ -87,7 +89,26 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
         'float16'
     """
     parser.add_argument("--checkpoint", type=Path, required=True, help="a save_pretrained dir")
-    parser.add_argument("--tiles", type=Path, required=True, help="CSV: path,lat,lon or path,x,y")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tiles", type=Path, help="CSV: path,lat,lon or path,x,y")
+    source.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        help="the satellite tiles of a dataset's split (with --data-root, --split); CVACT's "
+        "positions are its UTM metres, CVUSA and University-1652 need --positions",
+    )
+    parser.add_argument("--data-root", type=Path, help="--dataset: the dataset's directory")
+    parser.add_argument(
+        "--split",
+        help="--dataset: cvusa train|val, cvact train|val|test, university1652 test "
+        "(default: val; test for university1652)",
+    )
+    parser.add_argument(
+        "--positions",
+        type=Path,
+        help="--dataset: CSV of the tiles' positions (path,lat,lon or path,x,y; paths relative "
+        "to the CSV's folder), for a dataset whose layout records none",
+    )
     parser.add_argument("--out", type=Path, required=True, help="the index directory to write")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
@@ -104,7 +125,10 @@ def add_locate_arguments(parser: argparse.ArgumentParser) -> None:
 
     ``locate --index INDEX PHOTO... [--k 5] [--grid out.png] [--map out.png]``: one JSON line
     per photo, ``{"photo", "lat"/"lon" or "x"/"y", "confidence", "top": [{"path", "score",
-    "lat"/"lon" or "x"/"y"}, ...]}`` (plus ``"error_m"`` with ``--truth``).
+    "lat"/"lon" or "x"/"y"}, ...]}`` (plus ``"error_m"`` with ``--truth``). With ``--truth``,
+    a summary on stderr: the median error in metres and the share within ``--within-m``
+    (50 m), beside the same for a tile drawn at random from the index (``--summary FILE``
+    also writes it as JSON).
 
     Args:
         parser: an ``argparse.ArgumentParser`` or a subparser.
@@ -126,8 +150,15 @@ def add_locate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimate", choices=ESTIMATES, default="weighted")
     parser.add_argument("--radius-m", type=float, help="default: twice the tile spacing")
     parser.add_argument(
-        "--truth", type=Path, help="CSV of the photos' true positions (same header as tiles)"
+        "--truth",
+        type=Path,
+        help="CSV of the photos' true positions (same header as tiles): adds error_m to each "
+        "line and a summary (median error, share within --within-m, a random tile's) on stderr",
     )
+    parser.add_argument(
+        "--within-m", type=float, default=50.0, help="the summary's distance threshold (50 m)"
+    )
+    parser.add_argument("--summary", type=Path, help="with --truth: also write the summary (JSON)")
     parser.add_argument("--backend", choices=("exact", "faiss-exact", "faiss-ivf"), default="exact")
     _common(parser)
 
@@ -230,8 +261,15 @@ def run_index(args: argparse.Namespace) -> int:
         2
     """
     try:
-        paths, positions, metric = read_positions_csv(args.tiles)
-        root = args.tiles.resolve().parent
+        if args.dataset is not None:
+            paths, positions, metric, root = _dataset_tiles(args)
+        else:
+            for option in ("data_root", "split", "positions"):
+                if getattr(args, option, None) is not None:
+                    flag = "--" + option.replace("_", "-")
+                    raise CommandError(f"{flag} goes with --dataset, not --tiles")
+            paths, positions, metric = read_positions_csv(args.tiles)
+            root = args.tiles.resolve().parent
         missing = [p for p in paths if not (root / p).is_file()]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -239,7 +277,8 @@ def run_index(args: argparse.Namespace) -> int:
         out = args.out
         if _occupied(out):
             raise CommandError(f"{out} exists and is not a gallery index; choose another --out")
-        model = _load_model(args.checkpoint).to(args.device)
+        device = _join_torchrun(args.device)
+        model = _load_model(args.checkpoint).to(device)
         transform = _transform(model, "reference", args.image_size, "index")
         dtype = torch.float16 if args.dtype == "float16" else torch.float32
         index = GalleryIndex.build(
@@ -249,7 +288,7 @@ def run_index(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except CommandError as err:
         return _fail("index", str(err))
-    except OSError as err:  # an undecodable tile
+    except (OSError, ValueError) as err:  # an undecodable tile, positions missing for some
         return _fail("index", f"{err}; nothing written")
     index.info.update(
         checkpoint=str(args.checkpoint.resolve()),
@@ -268,7 +307,88 @@ def run_index(args: argparse.Namespace) -> int:
         index.save(out)
         summary = {"index": str(out), "tiles": len(index), "dim": index.dim, "metric": metric}
         print(json.dumps(summary))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ..training import cleanup_distributed
+
+        cleanup_distributed()
     return 0
+
+
+DATASETS = ("cvusa", "cvact", "university1652")
+_SPLITS = {
+    "cvusa": ("train", "val"), "cvact": ("train", "val", "test"), "university1652": ("test",)
+}  # fmt: skip
+
+
+def _dataset_tiles(args: argparse.Namespace) -> tuple[list[str], np.ndarray, str, Path]:
+    """The satellite tiles of ``--dataset``'s ``--split``: (paths relative to the root,
+    (N, 2) positions, metric, root). Positions: ``--positions``, else the reader's (CVACT's
+    UTM metres); a dataset without either is a :class:`CommandError` that says so."""
+    from ..data import CVACT, CVUSA, University1652
+
+    if args.data_root is None:
+        raise CommandError(f"--dataset {args.dataset} needs --data-root DIR")
+    split = args.split or ("test" if args.dataset == "university1652" else "val")
+    if split not in _SPLITS[args.dataset]:
+        raise CommandError(
+            f"--split {split}: {args.dataset} has the splits {', '.join(_SPLITS[args.dataset])}"
+        )
+    try:
+        if args.dataset == "cvusa":
+            tiles = CVUSA(args.data_root, split).reference_paths
+            positions = None
+        elif args.dataset == "cvact":
+            reader = CVACT(args.data_root, split)
+            tiles, positions = reader.reference_paths, reader.positions
+        else:  # the satellite gallery, distractors included
+            tiles = University1652(args.data_root, "test", view="gallery_satellite")._data.paths
+            positions = None
+    except (OSError, ValueError, KeyError) as err:
+        raise CommandError(" ".join(str(err).strip("'\"").split())) from err
+    root = Path(args.data_root)
+    paths = [_relative(Path(t), root) for t in tiles]
+    root = root.resolve()
+    metric = "euclidean"  # CVACT's UTM metres
+    if args.positions is not None:
+        given, table, metric = read_positions_csv(args.positions)
+        base = args.positions.resolve().parent
+        lookup = {str((base / g).resolve()): tuple(p) for g, p in zip(given, table)}
+        found = [lookup.get(str(root / p)) for p in paths]
+        absent = [p for p, f in zip(paths, found) if f is None]
+        if absent:
+            more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+            raise CommandError(
+                f"{args.positions} lists no position for {len(absent)} of the {len(paths)} tiles "
+                f"of {args.dataset} {split}: {absent[:3]}{more}"
+            )
+        positions = np.asarray(found, dtype=np.float64)
+    elif positions is None:
+        name = {"cvusa": "CVUSA", "university1652": "University-1652"}[args.dataset]
+        raise CommandError(
+            f"{name}'s official layout records no positions for its tiles; pass --positions CSV "
+            "(path,lat,lon or path,x,y; paths relative to the CSV's folder), or list the tiles "
+            "with their positions in --tiles CSV"
+        )
+    return paths, np.asarray(positions, dtype=np.float64), metric, root
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` where it lies below it (the tile's id), else absolute."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _join_torchrun(device: str) -> torch.device | str:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): joins the process group, so that the embedding
+    shards the tiles over the ranks, and returns this rank's device (``cuda`` means
+    ``cuda:LOCAL_RANK``); otherwise ``device`` unchanged."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    from ..training import init_distributed
+
+    return init_distributed(device).device
 
 
 def _read_photos(paths: list[Path], transform: Any) -> tuple[list, list, list[str]]:
@@ -330,6 +450,10 @@ def run_locate(args: argparse.Namespace) -> int:
     """
     if args.k < 1:
         return _fail("locate", f"--k must be >= 1, got {args.k}")
+    if args.summary is not None and args.truth is None:
+        return _fail("locate", "--summary needs --truth (the photos' true positions)")
+    if not args.within_m > 0:
+        return _fail("locate", f"--within-m must be > 0, got {args.within_m}")
     try:
         index, model = _open_index(args)
         truths = _truths(args, index.metric)
@@ -356,6 +480,11 @@ def run_locate(args: argparse.Namespace) -> int:
             _pictures(args, index, results, [raw[i] for i in good], truths)
         except OSError as err:  # a tile image of the grid went missing since indexing
             return _fail("locate", f"{err}; the picture was not written")
+    if truths:
+        summary = _error_summary(results, index, truths, args.within_m)
+        print(f"gsra-salad locate: {_summary_text(summary)}", file=sys.stderr)
+        if args.summary is not None:
+            _atomic_write(args.summary, json.dumps(summary, indent=2) + "\n")
     if errors:
         print(
             f"gsra-salad locate: {len(errors)} of {len(args.photos)} photos failed", file=sys.stderr
@@ -377,6 +506,82 @@ def _answer(args, index, model, images, photos) -> list[Localization]:
         index, torch.cat(descriptors), args.k, estimate=args.estimate, radius_m=args.radius_m,
         backend=args.backend, photos=[str(p) for p in photos],
     )  # fmt: skip
+
+
+RANDOM_TILES = 4096  # tiles the random-tile baseline measures against (all, when fewer)
+
+
+def _error_summary(
+    results: list[Localization],
+    index: GalleryIndex,
+    truths: dict[str, tuple[float, float]],
+    within_m: float = 50.0,
+) -> dict[str, Any]:
+    """The errors of the photos with a true position, beside a tile drawn at random.
+
+    The random tile's numbers are exact expectations, not a draw: the median and the share
+    within ``within_m`` of the distances between each photo's true position and every tile
+    (a seeded sample of ``RANDOM_TILES`` tiles for larger indexes).
+
+    Returns:
+        ``{"photos", "median_error_m", "mean_error_m", "within_m", "share_within",
+        "random_tile": {"median_error_m", "mean_error_m", "share_within", "tiles"}}``;
+        ``"photos": 0`` (and no errors) when no answered photo has a true position.
+    """
+    errors, known = [], []
+    for result in results:
+        if "error_m" in result.extra:
+            errors.append(result.extra["error_m"])
+            known.append(truths[str(Path(result.photo).resolve())])
+    summary: dict[str, Any] = {"photos": len(errors), "within_m": within_m}
+    if not errors:
+        return summary
+    positions = np.asarray(index.positions, dtype=np.float64)
+    if len(positions) > RANDOM_TILES:
+        pick = np.random.default_rng(0).choice(len(positions), RANDOM_TILES, replace=False)
+        positions = positions[np.sort(pick)]
+    tiles = torch.from_numpy(positions)
+    to_tiles = torch.cat([
+        geodesic_distance(tiles, torch.tensor([truth], dtype=torch.float64).expand_as(tiles),
+                          index.metric)
+        for truth in known
+    ]).numpy()  # fmt: skip
+    e = np.asarray(errors)
+    summary.update(
+        median_error_m=round(float(np.median(e)), 2),
+        mean_error_m=round(float(e.mean()), 2),
+        share_within=round(float((e <= within_m).mean()), 4),
+        random_tile={
+            "median_error_m": round(float(np.median(to_tiles)), 2),
+            "mean_error_m": round(float(to_tiles.mean()), 2),
+            "share_within": round(float((to_tiles <= within_m).mean()), 4),
+            "tiles": len(tiles),
+        },
+    )
+    return summary
+
+
+def _summary_text(summary: dict[str, Any]) -> str:
+    if not summary["photos"]:
+        return "no answered photo is listed in --truth: no summary"
+    within, rnd = f"{summary['within_m']:g} m", summary["random_tile"]
+    return (
+        f"{summary['photos']} photos with a true position: median error "
+        f"{summary['median_error_m']:.1f} m, {100 * summary['share_within']:.0f}% within {within}"
+        f"; a random tile: median {rnd['median_error_m']:.1f} m, "
+        f"{100 * rnd['share_within']:.0f}% within {within}"
+    )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _atomic_png(path: Path, write) -> None:
