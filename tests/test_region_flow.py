@@ -229,5 +229,10 @@ def test_index_under_torchrun_shards_and_equals_one_process(trained, tmp_path, c
     assert len(done.stdout.strip().splitlines()) == 1  # only rank 0 saves and prints
     one, two = GalleryIndex.load(tmp_path / "one"), GalleryIndex.load(tmp_path / "two")
     assert one.paths == two.paths
-    np.testing.assert_array_equal(np.asarray(one.descriptors), np.asarray(two.descriptors))
+    # the same model on other batch shards: equal up to float32 rounding, which float16
+    # storage may turn into one unit in the last place (2**-10 relative)
+    np.testing.assert_allclose(
+        np.asarray(one.descriptors, np.float32), np.asarray(two.descriptors, np.float32),
+        rtol=2 * 2**-10, atol=2**-24,
+    )  # fmt: skip
     np.testing.assert_array_equal(one.positions, two.positions)
