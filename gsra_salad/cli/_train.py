@@ -153,6 +153,14 @@ def add_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
         help="write a synthetic dataset in the same layout to a temporary folder and train a "
         "small model on it (CPU, minutes)",
     )
+    if f"{dataset}-polar-demo" in recipes.names():
+        parser.add_argument(
+            "--polar",
+            action="store_true",
+            help=f"with --demo: the {dataset}-polar-demo recipe (the satellite tiles "
+            "polar-transformed into panoramas, SAFA-style, so that both views look alike) "
+            "instead of raw tiles",
+        )
     run = parser.add_argument_group("run options")
     run.add_argument(
         "--output-dir", type=Path, help=f"where last/, best/ and metrics.jsonl go "
@@ -236,7 +244,9 @@ def train_main(dataset: str, argv: list[str] | None = None, prog: str | None = N
 
 def resolve_recipe(args: argparse.Namespace) -> recipes.Recipe:
     """The dataset's published (or demo) recipe with the options given on the command line."""
-    recipe = recipes.get(args.dataset + ("-demo" if args.demo else ""))
+    if getattr(args, "polar", False) and not args.demo:
+        raise UsageError("--polar only applies to --demo")
+    recipe = recipes.get(_recipe_name(args))
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _NOT_OPTIONS and hasattr(args, f.name):  # given on the command line
@@ -255,6 +265,12 @@ def resolve_recipe(args: argparse.Namespace) -> recipes.Recipe:
         return recipe.replace(**changes)
     except ValueError as err:
         raise UsageError(_flag_names(str(err))) from err
+
+
+def _recipe_name(args: argparse.Namespace) -> str:
+    if not args.demo:
+        return args.dataset
+    return args.dataset + ("-polar-demo" if getattr(args, "polar", False) else "-demo")
 
 
 def _flag_names(message: str) -> str:
@@ -549,7 +565,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     previous = None
     with contextlib.suppress(ValueError):  # only the main thread may set handlers
         previous = signal.signal(signal.SIGTERM, terminate)
-    output = args.output_dir or Path("runs") / (args.dataset + ("-demo" if args.demo else ""))
+    output = args.output_dir or Path("runs") / _recipe_name(args)
     try:
         run(args)
     except (KeyboardInterrupt, _Terminated) as err:

@@ -122,6 +122,17 @@ RECIPES: dict[str, Recipe] = {
         eval_every=6,
         mining="none",
     ),
+    "cvusa-polar-demo": _demo(
+        "cvusa-polar-demo",
+        "cvusa",
+        500,
+        _PANORAMA,
+        _TILE_AS_PANORAMA,
+        epochs=6,
+        warmup_epochs=0.3,
+        eval_every=6,
+        mining="none",
+    ),
     "cvact-demo": _demo(
         "cvact-demo",
         "cvact",
