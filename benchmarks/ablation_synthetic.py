@@ -164,10 +164,10 @@ def query_size(cfg: Config) -> tuple[int, int]:
 def recipe(cfg: Config, pipeline: str) -> recipes.Recipe:
     """The demo recipe of the pipeline (raw tiles or polar-transformed ones) at this setting's
     sizes; in the hard setting the heading is unknown, so only the tile turns (drone mode)."""
-    polar = recipes.get("cvusa-polar-demo")
+    polar = recipes.get("cvusa-demo")
     if pipeline == "polar":
         return polar.replace(batch_size=cfg.batch_size, lr=cfg.lr or polar.train.lr)
-    base = recipes.get("cvusa-demo")
+    base = recipes.get("cvusa-raw-demo")
     mode = "drone" if cfg.setting == "hard" else "panorama"
     return base.replace(
         batch_size=cfg.batch_size,

@@ -153,13 +153,13 @@ def add_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
         help="write a synthetic dataset in the same layout to a temporary folder and train a "
         "small model on it (CPU, minutes)",
     )
-    if f"{dataset}-polar-demo" in recipes.names():
+    if f"{dataset}-raw-demo" in recipes.names():
         parser.add_argument(
-            "--polar",
+            "--raw",
             action="store_true",
-            help=f"with --demo: the {dataset}-polar-demo recipe (the satellite tiles "
-            "polar-transformed into panoramas, SAFA-style, so that both views look alike) "
-            "instead of raw tiles",
+            help=f"with --demo: the {dataset}-raw-demo recipe (the paper's pipeline: raw "
+            "satellite tiles, one GSRA per view, a SmallConvNeXt trunk; CPU, a few minutes) "
+            "instead of the tiles polar-transformed into panoramas",
         )
     run = parser.add_argument_group("run options")
     run.add_argument(
@@ -244,8 +244,8 @@ def train_main(dataset: str, argv: list[str] | None = None, prog: str | None = N
 
 def resolve_recipe(args: argparse.Namespace) -> recipes.Recipe:
     """The dataset's published (or demo) recipe with the options given on the command line."""
-    if getattr(args, "polar", False) and not args.demo:
-        raise UsageError("--polar only applies to --demo")
+    if getattr(args, "raw", False) and not args.demo:
+        raise UsageError("--raw only applies to --demo")
     recipe = recipes.get(_recipe_name(args))
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(TrainConfig):
@@ -270,7 +270,7 @@ def resolve_recipe(args: argparse.Namespace) -> recipes.Recipe:
 def _recipe_name(args: argparse.Namespace) -> str:
     if not args.demo:
         return args.dataset
-    return args.dataset + ("-polar-demo" if getattr(args, "polar", False) else "-demo")
+    return args.dataset + ("-raw-demo" if getattr(args, "raw", False) else "-demo")
 
 
 def _flag_names(message: str) -> str:
