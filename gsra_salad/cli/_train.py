@@ -160,7 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
             help=f"with --demo: the {dataset}-raw-demo recipe (the paper's pipeline: raw "
             "satellite tiles, one GSRA per view, a SmallConvNeXt trunk; CPU, a few minutes) "
             "instead of the tiles polar-transformed into panoramas; its own defaults "
-            f"(gsra_salad.recipes.get('{dataset}-raw-demo'), e.g. 40 epochs)",
+            f"(gsra_salad.recipes.get('{dataset}-raw-demo'), e.g. 32 epochs)",
         )
     run = parser.add_argument_group("run options")
     run.add_argument(

@@ -131,9 +131,9 @@ RECIPES: dict[str, Recipe] = {
         500,
         _PANORAMA,
         InputConfig((64, 64)),
-        epochs=40,
-        warmup_epochs=2.0,
-        eval_every=40,
+        epochs=32,
+        warmup_epochs=1.6,
+        eval_every=32,
         mining="none",
     ).replace(
         model="demo-convnext",
