@@ -423,7 +423,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     )  # fmt: skip
     p.add_argument("--data-dir", type=Path, default=None, help="where the data set is cached")
     p.add_argument("--json", type=Path, default=None, help="results file")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch.set_num_threads (default 1: CPU-seconds comparable between parallel runs)",
+    )  # fmt: skip
     p.add_argument(
         "--merge", type=Path, nargs="+", default=None, metavar="JSON",
         help="no training: merge the runs of these result files (e.g. one per seed, run in "
@@ -462,7 +465,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(f"{cfg.setting} synthetic CVUSA at {root}: {cfg.num_train} train, {cfg.num_val} val "
           f"locations; colour-histogram R@1 {baseline['R@1']:.1f}%", flush=True)  # fmt: skip
     env = environment("cpu")  # before training: the commit that ran, not the one at the end
-    runs = []
+    out = args.json or RESULTS / (
+        "ablation_synthetic_quick.json" if args.quick else f"ablation_{cfg.setting}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, object]] = []
     for seed in args.seeds:
         for variant in variants:
             run = train_one(variant, cfg, seed, root)
@@ -473,23 +480,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 f"({run['train_wall_s']:.0f} s wall)",
                 flush=True,
             )
-    table = summarise(runs)
-    print(format_table(table, baseline))
-    result = {
-        "benchmark": "ablation_synthetic",
-        "environment": env,
-        "config": asdict(cfg),
-        "query_size": query_size(cfg),
-        "histogram_baseline": baseline,
-        "table": table,
-        "runs": runs,
-        "torch_threads": torch.get_num_threads(),
-    }
-    out = args.json or RESULTS / (
-        "ablation_synthetic_quick.json" if args.quick else f"ablation_{cfg.setting}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
+            result = {
+                "benchmark": "ablation_synthetic",
+                "environment": env,
+                "config": asdict(cfg),
+                "query_size": query_size(cfg),
+                "histogram_baseline": baseline,
+                "table": summarise(runs),
+                "runs": runs,
+                "torch_threads": torch.get_num_threads(),
+            }
+            out.write_text(json.dumps(result, indent=1, default=str))  # after every run
+    print(format_table(result["table"], baseline))  # type: ignore[arg-type]
     print(f"written {out}")
     return result
 
