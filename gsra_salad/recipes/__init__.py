@@ -9,12 +9,16 @@ default. Sits on top of the package: it imports models, data, losses and trainin
 
 - ``"cvusa"``, ``"cvact"``: Sample4Geo's recipe with LRFR's model and loss;
 - ``"university1652"``: LRFR's recipe;
-- ``"cvusa-demo"``, ``"cvact-demo"``, ``"university1652-demo"``: synthetic data, CPU, minutes.
+- ``"cvusa-demo"``, ``"cvact-demo"``, ``"university1652-demo"``: synthetic data, CPU, minutes
+  (the satellite tiles polar-transformed into panoramas);
+- ``"cvusa-raw-demo"``: the paper's pipeline on the synthetic CVUSA (raw tiles, one GSRA per
+  view, a :class:`~gsra_salad.models.SmallConvNeXt` trunk), a few CPU minutes.
 
 Example:
     >>> from gsra_salad import recipes
-    >>> recipes.names()
-    ['cvact', 'cvact-demo', 'cvusa', 'cvusa-demo', 'university1652', 'university1652-demo']
+    >>> recipes.names()  # doctest: +NORMALIZE_WHITESPACE
+    ['cvact', 'cvact-demo', 'cvusa', 'cvusa-demo', 'cvusa-raw-demo', 'university1652',
+     'university1652-demo']
     >>> recipe = recipes.get("cvusa")
     >>> recipe.train.batch_size, recipe.loss, recipe.source
     (128, 'triplet', "Sample4Geo's recipe with LRFR's model and loss")
