@@ -153,10 +153,11 @@ def data_root(cfg: Config, data_dir: Path | None) -> Path:
 
 def query_size(cfg: Config) -> tuple[int, int]:
     """The ground view at the model's input: the demo's panorama, or in the hard setting the
-    limited field of view at the panorama's height (its aspect kept, width a multiple of 16)."""
+    limited field of view at the tile's height (its aspect kept, width a multiple of 16; 64 x
+    128 at 180 degrees, a 4 x 8 feature map: SALAD's 16 clusters need 16 features or more)."""
     if cfg.setting != "hard":
         return cfg.query_size
-    h = cfg.query_size[0]
+    h = cfg.reference_size
     width = hard_setting(cfg).ground_width(cfg.pano_size[1])  # type: ignore[union-attr]
     return h, max(16, round(h * width / cfg.pano_size[0] / 16) * 16)
 
