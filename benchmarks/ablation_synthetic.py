@@ -387,6 +387,27 @@ def format_table(table: dict[str, dict[str, float]], baseline: dict[str, float])
     return "\n".join(lines)
 
 
+def format_curves(runs: list[dict[str, object]]) -> str:
+    """R@1 (mean over seeds) against training CPU-seconds: one column per curve point."""
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    curves = {v: [r["curve"] for r in runs if r["variant"] == v] for v in variants}
+    n = min(len(c) for cs in curves.values() for c in cs)
+    at = [statistics.mean(float(c[i]["cpu_s"]) for cs in curves.values() for c in cs)
+          for i in range(n)]  # fmt: skip
+    lines = [
+        "| variant | " + " | ".join(f"~{t:.0f} CPU-s" for t in at) + " |",
+        "|---|" + "---|" * n,
+    ]
+    for v, cs in curves.items():
+        cells = []
+        for i in range(n):
+            values = [float(c[i]["R@1"]) for c in cs]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def merge(paths: list[Path], out: Path) -> dict[str, object]:
     """One table from several result files of the same configuration."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
@@ -396,6 +417,7 @@ def merge(paths: list[Path], out: Path) -> dict[str, object]:
     runs = [run for part in parts for run in part["runs"]]
     table = summarise(runs)
     print(format_table(table, parts[0]["histogram_baseline"]))
+    print(format_curves(runs))
     result = {**parts[0], "table": table, "runs": runs, "merged_from": [str(p) for p in paths]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
@@ -458,9 +480,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if cfg.setting == "hard" and "polar" in variants:
         p.error("the polar pipeline needs full panoramas: not in the hard setting")
     if args.quick and args.data_dir is None:
+        import atexit
+        import shutil
         import tempfile
 
-        args.data_dir = Path(tempfile.mkdtemp())
+        args.data_dir = Path(tempfile.mkdtemp(prefix="gsra_salad_ablation_"))
+        atexit.register(shutil.rmtree, args.data_dir, ignore_errors=True)
     root = data_root(cfg, args.data_dir)
     baseline = histogram_baseline(cfg, root)
     print(f"{cfg.setting} synthetic CVUSA at {root}: {cfg.num_train} train, {cfg.num_val} val "
@@ -493,6 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             }
             out.write_text(json.dumps(result, indent=1, default=str))  # after every run
     print(format_table(result["table"], baseline))  # type: ignore[arg-type]
+    print(format_curves(runs))
     print(f"written {out}")
     return result
 
