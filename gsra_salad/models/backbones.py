@@ -262,9 +262,10 @@ class SmallConvNeXt(nn.Module):
     downsampling between them) of ConvNeXt blocks (depthwise 7 x 7 conv, 1 x 1 expansion x4,
     GELU, 1 x 1 projection, residual), with BatchNorm instead of LayerNorm (faster on the CPU,
     and no layer scale: runs of a few minutes need the blocks to learn from the first step).
-    With any widths the receptive field is 4 + 6 x 4 + 6 x 8 + 2 x 6 x 16 = 268 pixels: the
-    whole of a 64 x 64 tile or of a 32 x 128 panorama reaches every output position, where
-    :class:`TinyCNN`'s 31 pixels see under a quarter of a tile. Chosen by measurement on the
+    With the default depths and kernel the receptive field is 4 + 6 x 4 + 4 + 6 x 8 + 8 +
+    2 x 6 x 16 = 280 pixels (stem, stage, downsampling, ...): the whole of a 64 x 64 tile or of
+    a 32 x 128 panorama reaches every output position, where :class:`TinyCNN`'s 31 pixels see
+    under a quarter of a tile. Chosen by measurement on the
     synthetic CVUSA with raw tiles (docs/synthetic-benchmark.md).
 
     Args:
