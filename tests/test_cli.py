@@ -95,6 +95,24 @@ def demo_run(tmp_path_factory):
     return out
 
 
+def test_the_raw_tile_demo_trains_the_papers_pipeline(capsys, tmp_path):
+    """--demo --raw: raw 64 x 64 tiles, SmallConvNeXt, one GSRA per view; recorded so that the
+    checkpoint rebuilds with from_pretrained."""
+    out = tmp_path / "raw"
+    args = [*TINY, "--raw", "--epochs", "1", "--warmup-epochs", "0", "--output-dir", str(out)]
+    code, lines, err = _train(capsys, *args)
+    assert code == 0, err
+    assert len(lines) == 1 and 0.0 <= lines[0]["R@1"] <= 100.0
+    saved = recipes.Recipe.from_dict(json.loads((out / "recipe.json").read_text()))
+    assert saved.name == "cvusa-raw-demo" and saved.model == "demo-convnext"
+    model = CrossViewGeoLocalizer.from_pretrained(out / "best")
+    assert model.input_config["reference"] == InputConfig((64, 64))
+    assert type(model.backbone).__name__ == "SmallConvNeXt"
+    assert model.reference_attention is not None  # 4 x 4 tile map, 2 x 8 panorama map
+    code, _, err = _train(capsys, "--data-root", str(tmp_path), "--raw")
+    assert code == 2 and "--raw only applies to --demo" in err
+
+
 def test_the_run_folder_holds_the_resolved_recipe(demo_run):
     saved = recipes.Recipe.from_dict(json.loads((demo_run / "recipe.json").read_text()))
     assert saved.name == "cvusa-demo" and saved.train.epochs == 1 and saved.train.batch_size == 8

@@ -10,6 +10,7 @@ from torch import nn
 
 from gsra_salad import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention, InputConfig
 from gsra_salad.models import (
+    SmallConvNeXt,
     TinyCNN,
     build_component,
     feature_size,
@@ -225,6 +226,7 @@ def test_wrong_size_says_which_view_and_which_size():
     "module",
     [
         TinyCNN(24, width=8),
+        SmallConvNeXt((8, 16, 24), (1, 0, 2), kernel_size=5),
         GlobalSpatialRelationAttention(32, (2, 6), groups=4, impl="reference"),
         SALAD(32, num_clusters=8, cluster_dim=4, token_dim=16, dropout=0.1, sinkhorn_iters=5),
     ],
@@ -675,3 +677,51 @@ def test_bad_input():
         model.embed(torch.randn(1, 3, 64, 64), view="satellite")
     with pytest.raises(TypeError, match=r"backbone must be an nn\.Module"):
         CrossViewGeoLocalizer(lambda x: x, None, SALAD(8, 4, 2, token_dim=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# SmallConvNeXt: the demo trunk for raw tiles
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(32, 128), (64, 64), (48, 80)])
+def test_small_convnext_is_stride_16(size):
+    trunk = SmallConvNeXt((8, 16, 24), (1, 1, 2))
+    out = trunk(torch.randn(2, 3, *size))
+    assert out.shape == (2, 24, size[0] // 16, size[1] // 16)
+    assert trunk.out_channels == 24 and trunk.stride == 16
+
+
+def test_small_convnext_sees_the_whole_small_tile():
+    """Receptive field: the gradient of one output position reaches every input pixel of a
+    64 x 64 tile (TinyCNN's 31 pixels reach under a quarter of it)."""
+    torch.manual_seed(0)
+    for trunk, whole in ((SmallConvNeXt((8, 16, 24)), True), (TinyCNN(24, width=8), False)):
+        x = torch.randn(1, 3, 64, 64, requires_grad=True)
+        trunk.eval()(x)[0, :, 0, 0].sum().backward()
+        reached = (x.grad.abs().sum(1)[0] > 0).float().mean().item()
+        assert (reached == 1.0) == whole, (type(trunk).__name__, reached)
+
+
+def test_small_convnext_every_parameter_gets_a_gradient():
+    trunk = SmallConvNeXt((8, 16, 24), (1, 1, 1))
+    trunk(torch.randn(2, 3, 64, 64)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trunk.parameters())
+
+
+def test_small_convnext_rejects_bad_stages():
+    with pytest.raises(ValueError, match="three positive widths"):
+        SmallConvNeXt((8, 16), (1, 1))
+
+
+def test_a_small_convnext_model_round_trips_through_save_pretrained(tmp_path):
+    model = CrossViewGeoLocalizer(
+        SmallConvNeXt((8, 16, 32)),
+        GlobalSpatialRelationAttention(32, (2, 8), groups=4),
+        SALAD(32, num_clusters=4, cluster_dim=4, token_dim=0, dropout=0.0),
+        reference_attention=GlobalSpatialRelationAttention(32, (4, 4), groups=4),
+    ).eval()
+    model.save_pretrained(tmp_path)
+    loaded = CrossViewGeoLocalizer.from_pretrained(tmp_path)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded.embed(x, "reference"), model.embed(x, "reference"))

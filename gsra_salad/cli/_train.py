@@ -181,6 +181,15 @@ def add_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
         "small model on it (CPU, minutes); with --data-root: the demo recipe on that folder "
         "(e.g. a synthetic region's training split)",
     )
+    if f"{dataset}-raw-demo" in recipes.names():
+        parser.add_argument(
+            "--raw",
+            action="store_true",
+            help=f"with --demo: the {dataset}-raw-demo recipe (the paper's pipeline: raw "
+            "satellite tiles, one GSRA per view, a SmallConvNeXt trunk; CPU, a few minutes) "
+            "instead of the tiles polar-transformed into panoramas; its own defaults "
+            f"(gsra_salad.recipes.get('{dataset}-raw-demo'), e.g. 32 epochs)",
+        )
     run = parser.add_argument_group("run options")
     run.add_argument(
         "--output-dir", type=Path, help=f"where last/, best/ and metrics.jsonl go "
@@ -298,7 +307,9 @@ def resolve_recipe(args: argparse.Namespace) -> recipes.Recipe:
             f"--recipe {name} reads a real dataset; --demo trains the demo recipe on synthetic "
             "data: drop one of them"
         )
-    recipe = recipes.get(name or args.dataset + ("-demo" if args.demo else ""))
+    if getattr(args, "raw", False) and not args.demo:
+        raise UsageError("--raw only applies to --demo")
+    recipe = recipes.get(name or _recipe_name(args))
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _NOT_OPTIONS and hasattr(args, f.name):  # given on the command line
@@ -319,6 +330,12 @@ def resolve_recipe(args: argparse.Namespace) -> recipes.Recipe:
         return recipe.replace(**changes)
     except ValueError as err:
         raise UsageError(_flag_names(str(err))) from err
+
+
+def _recipe_name(args: argparse.Namespace) -> str:
+    if not args.demo:
+        return args.dataset
+    return args.dataset + ("-raw-demo" if getattr(args, "raw", False) else "-demo")
 
 
 def _flag_names(message: str) -> str:
@@ -640,13 +657,17 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     """Runs ``train`` and turns expected problems into one line on standard error."""
     from ..training import CheckpointError, ResumeError
 
+    owner = os.getpid()
+
     def terminate(signum, frame):
+        if os.getpid() != owner:  # a forked worker (e.g. the demo writer's pool): just end
+            os._exit(128 + signum)
         raise _Terminated
 
     previous = None
     with contextlib.suppress(ValueError):  # only the main thread may set handlers
         previous = signal.signal(signal.SIGTERM, terminate)
-    output = args.output_dir or Path("runs") / (args.dataset + ("-demo" if args.demo else ""))
+    output = args.output_dir or Path("runs") / _recipe_name(args)
     try:
         run(args)
     except (KeyboardInterrupt, _Terminated) as err:

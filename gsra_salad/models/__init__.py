@@ -8,12 +8,13 @@ backbones here, ``GlobalSpatialRelationAttention`` and ``SALAD`` are registered.
 """
 
 from ._registry import build_component, register_component, registered_components
-from .backbones import ConvNeXtTrunk, TimmBackbone, TinyCNN, feature_size
+from .backbones import ConvNeXtTrunk, SmallConvNeXt, TimmBackbone, TinyCNN, feature_size
 from .geolocalizer import CrossViewGeoLocalizer
 
 __all__ = [
     "ConvNeXtTrunk",
     "CrossViewGeoLocalizer",
+    "SmallConvNeXt",
     "TimmBackbone",
     "TinyCNN",
     "build_component",

@@ -12,12 +12,15 @@ default. Sits on top of the package: it imports models, data, losses and trainin
   recipes under the dataset's name (the defaults);
 - ``"lrfr-university1652"``: LRFR's recipe; ``"university1652"`` is the same (the default);
 - ``"lrfr-cvusa"``, ``"lrfr-cvact"``: Sample4Geo's recipe with LRFR's loss;
-- ``"cvusa-demo"``, ``"cvact-demo"``, ``"university1652-demo"``: synthetic data, CPU, minutes.
+- ``"cvusa-demo"``, ``"cvact-demo"``, ``"university1652-demo"``: synthetic data, CPU, minutes
+  (the satellite tiles polar-transformed into panoramas);
+- ``"cvusa-raw-demo"``: the paper's pipeline on the synthetic CVUSA (raw tiles, one GSRA per
+  view, a :class:`~gsra_salad.models.SmallConvNeXt` trunk), a few CPU minutes.
 
 Example:
     >>> from gsra_salad import recipes
     >>> [name for name in recipes.names() if "cvusa" in name]
-    ['cvusa', 'cvusa-demo', 'lrfr-cvusa', 'sample4geo-cvusa']
+    ['cvusa', 'cvusa-demo', 'cvusa-raw-demo', 'lrfr-cvusa', 'sample4geo-cvusa']
     >>> recipe = recipes.get("cvusa")
     >>> recipe.train.batch_size, recipe.loss, recipe.source
     (128, 'infonce', "Sample4Geo's recipe (train_cvusa.py / train_cvact.py) on LRFR's model")

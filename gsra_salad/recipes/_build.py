@@ -13,6 +13,9 @@ from ._recipe import Recipe
 
 __all__ = ["RunData", "build_loss", "build_model", "load_data", "write_demo"]
 
+# the "demo-convnext" trunk, chosen by measurement (docs/synthetic-benchmark.md)
+_DEMO_CONVNEXT_WIDTHS, _DEMO_CONVNEXT_DEPTHS = (16, 32, 64), (1, 1, 2)
+
 
 def build_model(recipe: Recipe, *, backbone_weights: Any = True):
     """The recipe's model, recording the recipe's input per view.
@@ -32,7 +35,7 @@ def build_model(recipe: Recipe, *, backbone_weights: Any = True):
         'polar'
     """
     from .. import SALAD, CrossViewGeoLocalizer, GlobalSpatialRelationAttention
-    from ..models import TinyCNN
+    from ..models import SmallConvNeXt, TinyCNN
 
     inputs = {"query": recipe.query_input, "reference": recipe.reference_input}
     query_size = recipe.query_input.image_size
@@ -44,7 +47,11 @@ def build_model(recipe: Recipe, *, backbone_weights: Any = True):
         )
         model.input_config = inputs
         return model.train()
-    channels, stride = 64, TinyCNN.stride
+    if recipe.model == "demo-convnext":
+        trunk: Any = SmallConvNeXt(_DEMO_CONVNEXT_WIDTHS, _DEMO_CONVNEXT_DEPTHS)
+    else:
+        trunk = TinyCNN(64, width=16)
+    channels, stride = trunk.out_channels, trunk.stride
     q_map = (query_size[0] // stride, query_size[1] // stride)
     r_map = (reference_size[0] // stride, reference_size[1] // stride)
     clusters = min(16, q_map[0] * q_map[1], r_map[0] * r_map[1])
@@ -52,7 +59,7 @@ def build_model(recipe: Recipe, *, backbone_weights: Any = True):
         None if r_map == q_map else GlobalSpatialRelationAttention(channels, r_map, groups=8)
     )
     return CrossViewGeoLocalizer(
-        TinyCNN(channels, width=16),
+        trunk,
         GlobalSpatialRelationAttention(channels, q_map, groups=8),
         SALAD(channels, num_clusters=clusters, cluster_dim=16, token_dim=0, dropout=0.0),
         reference_attention=reference_attention,

@@ -145,6 +145,23 @@ RECIPES: dict[str, Recipe] = {
         eval_every=6,
         mining="none",
     ),
+    # the paper's pipeline on the demo data: raw 64 x 64 tiles against 32 x 128 panoramas,
+    # one GSRA per view, a SmallConvNeXt trunk whose receptive field covers a whole tile
+    # (docs/synthetic-benchmark.md); the tile turns by quarter turns, the panorama rolls to match
+    "cvusa-raw-demo": _demo(
+        "cvusa-raw-demo",
+        "cvusa",
+        500,
+        _PANORAMA,
+        InputConfig((64, 64)),
+        epochs=32,
+        warmup_epochs=1.6,
+        eval_every=32,
+        mining="none",
+    ).replace(
+        model="demo-convnext",
+        augmentation=Augmentation("panorama", flip_p=0.5, rotate=True, **_DEMO_COLOUR),
+    ),
     "cvact-demo": _demo(
         "cvact-demo",
         "cvact",

@@ -65,8 +65,11 @@ class Recipe:
         dataset: ``"cvusa"``, ``"cvact"`` or ``"university1652"`` (which reader).
         source: where the values come from (e.g. ``"Sample4Geo's recipe"``).
         train: the :class:`~gsra_salad.training.TrainConfig`.
-        model: ``"lrfr"`` (ConvNeXt-T, GSRA per view size, SALAD; ImageNet-initialised) or
-            ``"demo"`` (a small trunk, GSRA per view, a small SALAD; CPU, minutes).
+        model: ``"lrfr"`` (ConvNeXt-T, GSRA per view size, SALAD; ImageNet-initialised),
+            ``"demo"`` (:class:`~gsra_salad.models.TinyCNN`, GSRA per view, a small SALAD; CPU,
+            seconds) or ``"demo-convnext"`` (:class:`~gsra_salad.models.SmallConvNeXt`, whose
+            receptive field covers a whole small tile, GSRA per view, a small SALAD; CPU,
+            a minute).
         loss: ``"triplet"`` (soft-margin, semi-hard, alpha 10: LRFR) or ``"infonce"``
             (temperature 0.07 learnable, label smoothing 0.1: Sample4Geo).
         query_input, reference_input: each view's :class:`~gsra_salad.InputConfig` (size,
@@ -93,7 +96,7 @@ class Recipe:
     dataset: Dataset
     source: str
     train: TrainConfig
-    model: Literal["lrfr", "demo"]
+    model: Literal["lrfr", "demo", "demo-convnext"]
     loss: Literal["triplet", "infonce"]
     query_input: InputConfig
     reference_input: InputConfig
@@ -107,8 +110,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.model not in ("lrfr", "demo"):
-            raise ValueError(f"model must be 'lrfr' or 'demo', got {self.model!r}")
+        if self.model not in ("lrfr", "demo", "demo-convnext"):
+            raise ValueError(f"model must be 'lrfr', 'demo' or 'demo-convnext', got {self.model!r}")
         if self.loss not in ("triplet", "infonce"):
             raise ValueError(f"loss must be 'triplet' or 'infonce', got {self.loss!r}")
         splits = ("val", "test") if self.dataset != "university1652" else ("test",)
