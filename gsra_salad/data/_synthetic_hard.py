@@ -145,8 +145,7 @@ def _scene_objects(rng: np.random.Generator, tile: np.ndarray, count: int) -> np
         if rng.random() < 0.6:
             half = rng.uniform(size / 30, size / 9, 2)
             theta = rng.uniform(0, np.pi)
-            rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-            corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half @ rot.T + centre
+            corners = _synthetic._rotated_rectangle(centre, half, theta)
             draw.polygon([tuple(p) for p in corners], fill=colour)
         else:
             r = rng.uniform(size / 40, size / 16)
@@ -165,8 +164,7 @@ def _satellite_transients(rng: np.random.Generator, tile: np.ndarray, setting: H
         centre = rng.uniform(0, size, 2)
         half = np.array([size / 50, size / 110]) * rng.uniform(0.8, 1.3)
         theta = rng.uniform(0, np.pi)
-        rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-        corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half @ rot.T + centre
+        corners = _synthetic._rotated_rectangle(centre, half, theta)
         grey = int(rng.choice([rng.integers(20, 60), rng.integers(190, 250)]))
         draw.polygon([tuple(p) for p in corners], fill=(grey, grey, grey))
     out = np.asarray(canvas).astype(np.float64)

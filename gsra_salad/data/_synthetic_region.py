@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ._base import require
-from .synthetic import _PALETTES, _rngs, _save, ground_view, photometric
+from .synthetic import _PALETTES, _rngs, _rotated_rectangle, _save, ground_view, photometric
 
 
 def aerial_map(rng: np.random.Generator, height: int, width: int, unit: int) -> np.ndarray:
@@ -52,8 +52,7 @@ def aerial_map(rng: np.random.Generator, height: int, width: int, unit: int) -> 
         centre = rng.uniform(0, 1, 2) * size
         half = rng.uniform(unit / 40, unit / 10, 2)
         theta = rng.uniform(0, np.pi)
-        rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-        corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half @ rot.T + centre
+        corners = _rotated_rectangle(centre, half, theta)
         roof = tuple(int(c) for c in palette[5 + rng.integers(0, 3)])
         draw.polygon([tuple(p) for p in corners], fill=roof)
     tree = tuple(int(c) for c in palette[8])

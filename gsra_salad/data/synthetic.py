@@ -69,6 +69,13 @@ _PALETTES = np.array(
 )  # fmt: skip
 
 
+def _rotated_rectangle(centre: np.ndarray, half: np.ndarray, theta: float) -> np.ndarray:
+    """The (4, 2) corners of a rectangle of half-sizes ``half`` turned by ``theta`` about
+    ``centre`` (buildings in the synthetic aerial images)."""
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    return np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half @ rot.T + centre
+
+
 def aerial_tile(rng: np.random.Generator, size: int) -> np.ndarray:
     """One location's aerial tile, (size, size, 3) uint8, from a random layout and palette."""
     image_module = require("PIL.Image")
@@ -96,8 +103,7 @@ def aerial_tile(rng: np.random.Generator, size: int) -> np.ndarray:
         centre = rng.uniform(0.1 * size, 0.9 * size, 2)
         half = rng.uniform(size / 40, size / 10, 2)
         theta = rng.uniform(0, np.pi)
-        rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-        corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half @ rot.T + centre
+        corners = _rotated_rectangle(centre, half, theta)
         roof = tuple(int(c) for c in palette[5 + rng.integers(0, 3)])
         draw.polygon([tuple(p) for p in corners], fill=roof)
     tree = tuple(int(c) for c in palette[8])
