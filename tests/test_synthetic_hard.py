@@ -165,6 +165,7 @@ def test_ablation_benchmark_quick_run(tmp_path):
     assert len(saved["runs"]) == len(ablation_synthetic.VARIANTS)
     assert all(0 <= run["R@1"] <= run["R@5"] <= 100 for run in saved["runs"])
     assert {"torch", "device", "commit"} <= set(saved["environment"])
-    assert saved["setting"]["fov_degrees"] == saved["config"]["fov_degrees"]
+    assert saved["config"]["setting"] == "raw" and len(saved["query_size"]) == 2
+    assert all(run["train_cpu_s"] > 0 and run["steps"] > 0 for run in saved["runs"])
     merged = ablation_synthetic.main(["--merge", str(out), str(out), "--json", str(tmp_path / "m")])
     assert merged["table"]["gsra+salad"]["runs"] == 2
