@@ -417,8 +417,9 @@ def test_nothing_below_training_imports_it():
 
     package = Path(__file__).resolve().parents[1] / "gsra_salad"
     for path in package.rglob("*.py"):
-        if {"training", "recipes", "cli", "__main__.py"} & set(path.relative_to(package).parts):
-            continue
+        parts = set(path.relative_to(package).parts)
+        if {"training", "recipes", "cli", "cli.py", "__main__.py"} & parts:
+            continue  # the layers above training: recipes and the command lines
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.ImportFrom):
