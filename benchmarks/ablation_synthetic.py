@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -140,14 +141,23 @@ def data_root(cfg: Config, data_dir: Path | None) -> Path:
         )
         key += f"-fov{cfg.fov_degrees:g}-obj{objects}"
     root = (data_dir or RESULTS / "data") / key
-    done = root / "written.json"
-    if done.exists():
+    if (root / "written.json").exists():
         return root
+    # written aside and renamed: parallel runs (one process per seed) never read a half-written
+    # data set; the first rename wins, the others discard their identical copy
+    tmp = root.with_name(f"{key}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     write_cvusa(
-        root, cfg.num_train, cfg.num_val, tile_size=cfg.tile_size, pano_size=cfg.pano_size,
+        tmp, cfg.num_train, cfg.num_val, tile_size=cfg.tile_size, pano_size=cfg.pano_size,
         seed=cfg.data_seed, hard=setting,
     )  # fmt: skip
-    done.write_text(json.dumps(asdict(cfg)))
+    (tmp / "written.json").write_text(json.dumps(asdict(cfg)))
+    try:
+        tmp.rename(root)
+    except OSError:  # written by a parallel run meanwhile (or a stale folder without the mark)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / "written.json").exists():
+            raise
     return root
 
 

@@ -229,53 +229,92 @@ def write_gallery(directory: Path, n: int, gen: Clustered, chunk: int) -> None:
     (directory / "meta.json").write_text(json.dumps(meta))
 
 
-def _rate(fn, queries: torch.Tensor, batch: int) -> tuple[float, torch.Tensor]:
+def _rate(fn, queries: torch.Tensor, batch: int) -> tuple[float, float, torch.Tensor]:
+    """Queries per wall second, queries per CPU-second of this process, the top-1 ids."""
     fn(queries[:batch])  # warm-up
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     ids = torch.cat([fn(queries[i : i + batch]) for i in range(0, len(queries), batch)])
-    return len(queries) / (time.perf_counter() - start), ids
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return len(queries) / wall, len(queries) / max(cpu, 1e-9), ids
 
 
-SETTINGS = {  # (encoding, pca_dim, nprobe factor relative to the default); one build a pair
-    "backends": [("sq8", 256, 1.0), ("sq8", 256, 0.25), ("pq", 256, 1.0), ("flat", 256, 1.0)],
-    "large": [("sq8", 256, 0.5), ("sq8", 256, 1.0), ("sq8", 256, 2.0)],
+# (encoding, pca_dim, nprobe factor relative to the default, rerank); one build a pair
+SETTINGS = {
+    "backends": [
+        ("sq8", 256, 1.0, 0),
+        ("sq8", 256, 0.25, 0),
+        ("sq8", 256, 1.0, 64),
+        ("pq", 256, 1.0, 0),
+        ("flat", 256, 1.0, 0),
+    ],
+    "trained": [
+        ("sq8", 256, 1.0, 0),
+        ("sq8", 256, 0.25, 0),
+        ("sq8", 256, 1.0, 64),
+        ("sq8", 64, 1.0, 0),
+        ("sq8", 64, 1.0, 64),
+        ("pq", 256, 1.0, 0),
+    ],
+    "large": [
+        ("sq8", 256, 0.5, 0),
+        ("sq8", 256, 1.0, 0),
+        ("sq8", 256, 1.0, 64),
+        ("sq8", 256, 1.0, 256),
+        ("sq8", 1024, 1.0, 0),
+        ("sq8", 1024, 1.0, 64),
+    ],
 }
 
 
 def backends(index: GalleryIndex, gen: Clustered, chunk: int, args, part: str) -> list[dict]:
+    """Clustered galleries: queries near random tiles; also reported, how often the top-1 is
+    the tile a query was drawn near."""
     rng = np.random.default_rng(1)
     num_queries = args.queries if part == "backends" else args.large_queries
     tiles = np.sort(rng.choice(len(index), size=num_queries, replace=False))
     queries = gen.queries(tiles, chunk, len(index))
+
+    def score(ids: torch.Tensor) -> dict:
+        return {"top1_is_source_tile": float((ids.numpy() == tiles).mean())}
+
+    return compare_backends(index, queries, score, args, part)
+
+
+def compare_backends(index: GalleryIndex, queries: torch.Tensor, score, args, part: str):
+    """Rows of the exact search and of each approximate setting of ``part``: build time,
+    bytes, queries/s and top-1 agreement with the exact search, plus ``score(top1 ids)``."""
     start = time.perf_counter()
-    exact_rate, exact = _rate(lambda q: index.search(q, k=1)[1][:, 0], queries, num_queries)
+    exact_rate, exact_cpu_rate, exact = _rate(
+        lambda q: index.search(q, k=1)[1][:, 0], queries, len(queries)
+    )
     exact_seconds = time.perf_counter() - start
     rows = [{"part": part, "backend": "exact (streamed)", "tiles": len(index),
              "build_s": 0.0, "index_bytes": index.nbytes()["descriptors"],
-             "queries_per_s": exact_rate, "top1_agreement": 1.0,
-             "top1_is_source_tile": float((exact.numpy() == tiles).mean()),
-             "exact_seconds": exact_seconds}]  # fmt: skip
-    if part == "backends":
+             "queries_per_s": exact_rate, "queries_per_cpu_s": exact_cpu_rate,
+             "top1_agreement": 1.0, **score(exact), "exact_seconds": exact_seconds}]  # fmt: skip
+    if part != "large":
         start = time.perf_counter()
         index.search(queries[:1], k=1, backend="faiss-exact")
         build = time.perf_counter() - start
-        rate, ids = _rate(lambda q: index.search(q, k=1, backend="faiss-exact")[1][:, 0],
-                          queries, 64)  # fmt: skip
+        rate, cpu_rate, ids = _rate(
+            lambda q: index.search(q, k=1, backend="faiss-exact")[1][:, 0], queries, 64
+        )
         rows.append({"part": part, "backend": "faiss-exact", "tiles": len(index), "build_s": build,
                      "index_bytes": 4 * len(index) * index.dim, "queries_per_s": rate,
+                     "queries_per_cpu_s": cpu_rate, **score(ids),
                      "top1_agreement": float((ids == exact).float().mean())})  # fmt: skip
         index._faiss.pop("flat", None)
-    rows += _ivf_rows(index, queries, exact, args, part)
+    rows += _ivf_rows(index, queries, exact, score, args, part)
     if args.hnsw and part == "backends":
         rows.append(_hnsw_row(index, queries, exact, part))
     return rows
 
 
-def _ivf_rows(index, queries, exact, args, part) -> list[dict]:
+def _ivf_rows(index, queries, exact, score, args, part) -> list[dict]:
     rows = []
     built = None
     settings = SETTINGS[part][:2] if args.quick else SETTINGS[part]
-    for encoding, pca_dim, factor in settings:
+    for encoding, pca_dim, factor, rerank in settings:
         if built != (encoding, pca_dim):
             index._faiss.clear()
             start = time.perf_counter()
@@ -288,15 +327,19 @@ def _ivf_rows(index, queries, exact, args, part) -> list[dict]:
                 write_ivf(index._faiss["approximate"], str(Path(tmp) / "approximate"))
                 disk = sum(f.stat().st_size for f in Path(tmp).iterdir())
         nprobe = max(1, int(params["nprobe"] * factor))
-        rate, ids = _rate(
-            lambda q: index.search(q, k=1, backend="faiss-ivf", nprobe=nprobe)[1][:, 0],
+        rate, cpu_rate, ids = _rate(
+            lambda q: index.search(q, k=1, backend="faiss-ivf", nprobe=nprobe,
+                                   rerank=rerank)[1][:, 0],
             queries, 64,
         )  # fmt: skip
+        name = f"faiss-ivf {encoding} pca{pca_dim} nlist{params['nlist']} nprobe{nprobe}"
         rows.append({
-            "part": part, "backend": f"faiss-ivf {encoding} pca{pca_dim} nlist{params['nlist']} "
-            f"nprobe{nprobe}", "tiles": len(index), "build_s": build,
+            "part": part, "backend": name + (f" rerank{rerank}" if rerank else ""),
+            "tiles": len(index), "build_s": build,
             "index_bytes": index.nbytes()["approximate"], "disk_bytes": disk,
-            "queries_per_s": rate, "top1_agreement": float((ids == exact).float().mean()),
+            "queries_per_s": rate, "queries_per_cpu_s": cpu_rate,
+            "top1_agreement": float((ids == exact).float().mean()),
+            **score(ids),
             "peak_rss_bytes": peak_rss(),
         })  # fmt: skip
     return rows
@@ -320,23 +363,31 @@ def _hnsw_row(index: GalleryIndex, queries, exact, part: str) -> dict:
     def top1(q):
         return torch.from_numpy(hnsw.search(ivf.project(q.numpy()), 1)[1][:, 0].astype(np.int64))
 
-    rate, ids = _rate(top1, queries, 64)
+    rate, cpu_rate, ids = _rate(top1, queries, 64)
     links = hnsw.hnsw.neighbors.size() * 4
     return {
         "part": part, "backend": "hnsw32 flat pca256 efSearch64 (measured only)",
         "tiles": len(index), "build_s": build + 0.0,
         "index_bytes": int(4 * hnsw.ntotal * hnsw.d + links),
-        "queries_per_s": rate, "top1_agreement": float((ids == exact).float().mean()),
+        "queries_per_s": rate, "queries_per_cpu_s": cpu_rate,
+        "top1_agreement": float((ids == exact).float().mean()),
     }  # fmt: skip
 
 
 def gallery_part(n: int, dim: int, args, part: str) -> list[dict]:
+    """One gallery of n clustered tiles: written to a scratch folder (deleted after), or kept
+    in ``--keep-galleries DIR`` and reused by the next run with the same size."""
     gen = Clustered(dim, seed=3)
     chunk = 2048
-    tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix=f"bench_localize_{part}_"))
+    if args.keep_galleries:
+        tmp = Path(args.keep_galleries) / f"{part}_{n}x{dim}"
+    else:
+        tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix=f"bench_localize_{part}_"))
     try:
         start = time.perf_counter()
-        write_gallery(tmp / "index", n, gen, chunk)
+        if not (tmp / "index" / "meta.json").is_file():
+            shutil.rmtree(tmp / "index", ignore_errors=True)  # a write cut short
+            write_gallery(tmp / "index", n, gen, chunk)
         written = time.perf_counter() - start
         index = GalleryIndex.load(tmp / "index")
         rows = backends(index, gen, chunk, args, part)
@@ -345,7 +396,64 @@ def gallery_part(n: int, dim: int, args, part: str) -> list[dict]:
             row["descriptors_on_disk_bytes"] = (tmp / "index" / "descriptors.npy").stat().st_size
         return rows
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not args.keep_galleries:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def trained_part(args) -> list[dict]:
+    """A trained model's descriptors: a synthetic region of at least ``--trained-tiles`` tiles
+    (16 m apart) and ``--queries`` panoramas, the demo recipe trained on the region's own
+    training split for ``--train-epochs`` (VIGOR's same-area setting, as
+    ``examples/train_region.py``) unless ``--checkpoint`` names a model; every tile indexed,
+    every panorama searched."""
+    from gsra_salad import CrossViewGeoLocalizer
+    from gsra_salad.cli import train_main
+    from gsra_salad.data.synthetic import write_region
+    from gsra_salad.evaluation import embed
+    from gsra_salad.localization._tiles import PathImages, resolve_transform, view_function
+
+    side = math.ceil(math.sqrt(args.trained_tiles))
+    keep = args.keep_galleries is not None
+    base = Path(args.keep_galleries) if keep else Path(tempfile.mkdtemp(dir=args.tmp))
+    root = base / f"region_{side}x{side}"
+    try:
+        if not (root / "region.json").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            write_region(root, grid=(side, side), num_queries=args.queries, stride=16,
+                         num_train=args.train_pairs, num_val=200, seed=0)  # fmt: skip
+        checkpoint = Path(args.checkpoint) if args.checkpoint else root / "run" / "best"
+        start = time.perf_counter()
+        if not (checkpoint / "config.json").is_file():
+            argv = ["--demo", "--data-root", str(root), "--epochs", str(args.train_epochs),
+                    "--no-progress", "--output-dir", str(root / "run"), "--overwrite"]  # fmt: skip
+            if train_main("cvusa", argv) != 0:
+                raise SystemExit("bench_localize: training the demo recipe on the region failed")
+        trained = time.perf_counter() - start
+        model = CrossViewGeoLocalizer.from_pretrained(checkpoint).eval()
+        tiles, photos = _read_csv(root / "tiles.csv"), _read_csv(root / "queries.csv")
+        start = time.perf_counter()
+        index = GalleryIndex.build(model, [root / t for t, _ in tiles], [p for _, p in tiles],
+                                   metric="euclidean", paths=[t for t, _ in tiles],
+                                   progress=False)  # fmt: skip
+        built = time.perf_counter() - start
+        transform = resolve_transform(model, "query", None, "bench_localize")
+        dataset = PathImages([root / q for q, _ in photos], transform)
+        with torch.no_grad():
+            queries, _ = embed(view_function(model, "query"), dataset, progress=False)
+        truth = np.array([p for _, p in photos])
+
+        def score(ids: torch.Tensor) -> dict:
+            errors = np.linalg.norm(index.positions[ids.numpy()] - truth, axis=1)
+            return {"top1_median_error_m": float(np.median(errors)),
+                    "top1_within_50m": 100.0 * float((errors <= 50).mean())}  # fmt: skip
+
+        rows = compare_backends(index, queries, score, args, "trained")
+        for row in rows:
+            row.update(dim=index.dim, queries=len(queries), train_s=trained, embed_tiles_s=built)
+        return rows
+    finally:
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def main() -> None:
@@ -355,13 +463,25 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=8192)
     p.add_argument("--queries", type=int, default=500, help="queries of the backends part")
     p.add_argument("--large-queries", type=int, default=200, help="queries of the large part")
-    p.add_argument("--parts", default="estimates,backends,large")
+    p.add_argument("--parts", default="estimates,trained,backends,large")
+    p.add_argument("--trained-tiles", type=int, default=20_000, help="tiles of the trained part")
+    p.add_argument("--train-pairs", type=int, default=2000, help="training pairs (trained part)")
+    p.add_argument("--train-epochs", type=int, default=12, help="epochs (trained part)")
+    p.add_argument("--checkpoint", default=None, help="trained part: a model folder to index "
+                   "with, instead of training the demo recipe on the region")  # fmt: skip
     p.add_argument("--hnsw", action="store_true", help="also measure HNSW (backends part)")
     p.add_argument("--tmp", default=os.environ.get("TMPDIR", "/tmp"), help="scratch directory")
+    p.add_argument(
+        "--keep-galleries",
+        default=None,
+        metavar="DIR",
+        help="keep the generated galleries in DIR and reuse them on the next run",
+    )
     args = p.parse_args()
     if args.quick:
         args.tiles, args.large, args.dim, args.queries = 2000, 4000, 256, 64
-        args.large_queries = 64
+        args.large_queries, args.trained_tiles, args.train_pairs = 64, 64, 128
+        args.train_epochs = 1
     parts = args.parts.split(",")
     results: dict[str, list[dict]] = {}
 
@@ -374,7 +494,13 @@ def main() -> None:
         columns = ["estimate", "tiles", "queries", "spacing_m", "median_error_m", "mean_error_m"]
         print_table(results["estimates"], [*columns, "within_1_spacing", "within_2_spacings"])
         save()
-    columns = ["backend", "tiles", "build_s", "index_bytes", "queries_per_s", "top1_agreement"]
+    columns = ["backend", "tiles", "build_s", "index_bytes", "queries_per_s", "queries_per_cpu_s"]
+    columns.append("top1_agreement")
+    if "trained" in parts:
+        results["trained"] = trained_part(args)
+        print()
+        print_table(results["trained"], [*columns, "top1_median_error_m", "top1_within_50m"])
+        save()
     for part, n in (("backends", args.tiles), ("large", args.large)):
         if part in parts:
             results[part] = gallery_part(n, args.dim, args, part)
