@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.reproduce_published import semi_soft_tri_hard
+from benchmarks.reproduce_published import sample4geo_info_nce, semi_soft_tri_hard
 from gsra_salad.losses import (
     InfoNCELoss,
     SoftMarginTripletLoss,
@@ -20,17 +20,6 @@ from tests._helpers import free_port, gloo_group
 # ---------------------------------------------------------------------------------------------
 # test oracles: the published formulas written out literally (float64, CPU)
 # ---------------------------------------------------------------------------------------------
-
-
-def published_info_nce(image_features1, image_features2, logit_scale, label_smoothing=0.1):
-    """Sample4Geo's ``InfoNCE.forward`` (sample4geo/loss.py)."""
-    loss_function = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    image_features1 = F.normalize(image_features1, dim=-1)
-    image_features2 = F.normalize(image_features2, dim=-1)
-    logits_per_image1 = logit_scale * image_features1 @ image_features2.T
-    logits_per_image2 = logits_per_image1.T
-    labels = torch.arange(len(logits_per_image1), dtype=torch.long)
-    return (loss_function(logits_per_image1, labels) + loss_function(logits_per_image2, labels)) / 2
 
 
 def published_soft_triplet(inputs_q, inputs_k, alpha=10):
@@ -122,7 +111,7 @@ def test_info_nce_equals_sample4geo(b, d, smoothing):
     q, r = pairs(b, d, normalise=False)
     scale = torch.tensor(1 / 0.07, dtype=torch.float64, requires_grad=True)
     ours = info_nce_loss(q, r, scale, label_smoothing=smoothing)
-    theirs = published_info_nce(q, r, scale, smoothing)
+    theirs = sample4geo_info_nce(q, r, scale, nn.CrossEntropyLoss(label_smoothing=smoothing))
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     for g1, g2 in zip(grads(ours, q, r, scale), grads(theirs, q, r, scale)):
         torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
