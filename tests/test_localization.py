@@ -567,3 +567,18 @@ def test_write_region_is_seeded_and_checks_its_arguments(tmp_path):
     with pytest.raises(ValueError, match="stride > 0"):
         write_region(tmp_path / "c", grid=(2, 2), stride=0)
     assert not os.path.exists(tmp_path / "c")
+
+
+def test_region_map_cells_are_the_nearest_seed_of_every_pixel():
+    """The map's cells (a k-d tree, band by band) equal the brute-force nearest seed of every
+    pixel, whatever the band height."""
+    from gsra_salad.data._synthetic_region import nearest_seed
+
+    rng = np.random.default_rng(0)
+    height, width = 37, 53
+    seeds = rng.uniform(0, 1, (40, 2)) * (width, height)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    distances = (xx[..., None] - seeds[:, 0]) ** 2 + (yy[..., None] - seeds[:, 1]) ** 2
+    expected = distances.argmin(-1)
+    for band in (None, 1, 7, height):
+        assert np.array_equal(nearest_seed(seeds, height, width, band=band), expected)
