@@ -170,7 +170,8 @@ def test_faiss_backends_agree_with_exact():
 
 def test_approximate_parameters_follow_the_gallery_size():
     p = backends.approximate_parameters(1_000_000, 8192)
-    assert p == {"pca_dim": 256, "nlist": 1024, "nprobe": 32, "train_size": 65536}
+    assert p == {"pca_dim": 256, "nlist": 1024, "nprobe": 64, "train_size": 65536}
+    assert backends.approximate_parameters(20_000, 256)["nprobe"] == 32  # nlist 128
     small = backends.approximate_parameters(100, 16)
     assert small["nlist"] == 2  # at most N / 39 cells
     assert small["pca_dim"] == 16 and small["train_size"] == 100

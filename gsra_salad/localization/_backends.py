@@ -105,7 +105,8 @@ def approximate_parameters(num_tiles: int, dim: int) -> dict[str, int]:
     - ``pca_dim = min(dim, 256)``;
     - ``nlist``: the power of two nearest ``sqrt(N)``, at most ``N / 39`` (FAISS wants 39
       training points a cell), at least 1;
-    - ``nprobe = max(16, nlist // 32)``, at most nlist;
+    - ``nprobe = max(32, nlist // 16)``, at most nlist (a trained model's descriptors need more
+      lists than clustered ones: ``docs/localization.md``);
     - ``train_size = min(N, max(64 nlist, 20000))`` tiles train the k-means, and
       ``min(N, 16384)`` of them the PCA.
     """
@@ -114,7 +115,7 @@ def approximate_parameters(num_tiles: int, dim: int) -> dict[str, int]:
     return {
         "pca_dim": int(min(dim, 256)),
         "nlist": nlist,
-        "nprobe": int(min(nlist, max(16, nlist // 32))),
+        "nprobe": int(min(nlist, max(32, nlist // 16))),
         "train_size": int(min(num_tiles, max(64 * nlist, 20000))),
     }
 

@@ -417,7 +417,7 @@ class GalleryIndex:
         projections, then every projection is added. The defaults come from the gallery size
         (``docs/localization.md`` has the measurements behind them): ``pca_dim = min(D,
         256)``, ``nlist`` = the power of two nearest sqrt(N) (at most N / 39), ``nprobe =
-        max(16, nlist / 32)`` capped at nlist, ``train_size = min(N, max(64 nlist, 20000))``.
+        max(32, nlist / 16)`` capped at nlist, ``train_size = min(N, max(64 nlist, 20000))``.
 
         Args:
             encoding: ``"sq8"`` (one byte a dimension, default), ``"flat"`` (float32) or
