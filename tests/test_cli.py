@@ -302,3 +302,15 @@ def test_stale_demo_data_of_killed_runs_is_removed(tmp_path, monkeypatch):
         folder.mkdir()
     _train._clean_stale_demos()
     assert not stale.exists() and alive.exists() and other.exists()
+
+
+def test_a_missing_extra_is_one_line_with_the_whole_install_command(capsys, tmp_path, monkeypatch):
+    """An ImportError from an optional dependency keeps its closing quote: the pip command can
+    be pasted as printed."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision.transforms.v2.functional", None)
+    monkeypatch.setitem(sys.modules, "torchvision.transforms.v2", None)
+    code, _, err = _train(capsys, *TINY, "--epochs", "1", "--output-dir", str(tmp_path / "x"))
+    assert code == 2 and err.startswith("train: error: torchvision.transforms.v2")
+    assert err.endswith("pip install 'gsra-salad[torchvision]'")

@@ -686,7 +686,9 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             ValueError, KeyError, ImportError) as err:  # fmt: skip
         if os.environ.get("GSRA_SALAD_DEBUG"):
             raise
-        message = " ".join(str(err).strip("'\"").split()) or type(err).__name__
+        # a KeyError's str() is the repr of its key: its message is args[0]
+        text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        message = " ".join(text.split()) or type(err).__name__
         print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2
     finally:
