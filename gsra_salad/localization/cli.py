@@ -344,7 +344,8 @@ def _dataset_tiles(args: argparse.Namespace) -> tuple[list[str], np.ndarray, str
             tiles = University1652(args.data_root, "test", view="gallery_satellite")._data.paths
             positions = None
     except (OSError, ValueError, KeyError) as err:
-        raise CommandError(" ".join(str(err).strip("'\"").split())) from err
+        text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        raise CommandError(" ".join(text.split())) from err
     root = Path(args.data_root)
     paths = [_relative(Path(t), root) for t in tiles]
     root = root.resolve()
