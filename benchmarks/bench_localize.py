@@ -1,10 +1,11 @@
 """Localisation: the estimates on a synthetic region, and search over large galleries.
 
-    python -m benchmarks.bench_localize                  # estimates + 20,000 tiles + 1,000,000
+    python -m benchmarks.bench_localize                  # all four parts (hours, ~17 GB scratch)
     python -m benchmarks.bench_localize --quick          # smoke run (seconds)
+    python -m benchmarks.bench_localize --parts trained  # a trained model's 20,164 tiles
     python -m benchmarks.bench_localize --large 200000   # the large gallery at another size
 
-Three parts, one table each (and one JSON file):
+Four parts, one table each (and one JSON file):
 
 1. ``estimates``: a synthetic region (``write_region``: one map, overlapping tiles, panoramas at
    random points), indexed and localised with a hand-made geometric matcher standing in for a
@@ -12,10 +13,14 @@ Three parts, one table each (and one JSON file):
    low-pass, zero-mean, unit-norm grey images; see ``GeometricMatcher``). Reported: the median
    error in metres and the share within 1 and 2 tile spacings of the ``top1`` and the
    ``weighted`` estimates, beside a random tile.
-2. ``backends``: ``--tiles`` (20,000) tiles of clustered 8,192-D descriptors (see
-   ``clustered_chunk``): build time, bytes, queries/s and top-1 agreement with the exact
+2. ``trained``: a synthetic region of ``--trained-tiles`` (20,000, rounded up to a square
+   grid: 20,164) tiles 16 m apart, the demo recipe trained on the region's own training split
+   (or ``--checkpoint``), every tile indexed and ``--queries`` panoramas searched: build time,
+   bytes, queries/s, top-1 agreement with the exact search and the top-1 tile's error in metres.
+3. ``backends``: ``--tiles`` (20,000) tiles of clustered 8,192-D descriptors (see
+   ``Clustered``): build time, bytes, queries/s and top-1 agreement with the exact
    search of ``faiss-exact`` and of ``faiss-ivf`` at several encodings and nprobe.
-3. ``large``: ``--large`` (1,000,000) such tiles, generated chunk by chunk into a
+4. ``large``: ``--large`` (1,000,000) such tiles, generated chunk by chunk into a
    memory-mapped ``descriptors.npy`` (float16, never all in memory as float32) and loaded with
    ``GalleryIndex.load``: build time, the approximate index's bytes on disk and in RAM, peak
    RSS, queries/s and top-1 agreement with the exact streamed search on a sample of queries.
