@@ -440,7 +440,10 @@ def test_locate_answers_the_good_photos_and_counts_the_bad(region, tmp_path, cap
     assert run_locate(args) == 1
     captured = capsys.readouterr()
     assert [json.loads(line)["photo"] for line in captured.out.splitlines()] == [str(good)]
-    assert "missing.jpg" in captured.err and "broken.jpg" in captured.err
+    assert f"cannot read photo {tmp_path / 'missing.jpg'}: No such file or directory\n" in (
+        captured.err
+    )
+    assert f"cannot read photo {broken}: cannot identify image file" in captured.err
     assert "2 of 3 photos failed" in captured.err
     assert (tmp_path / "map.png").is_file()
     # only bad photos: nothing answered, nothing drawn

@@ -392,6 +392,15 @@ def _join_torchrun(device: str) -> torch.device | str:
     return init_distributed(device).device
 
 
+def _reason(err: Exception) -> str:
+    """Why a photo could not be read, without repeating its path: the OS's words for a missing
+    or unreadable file, else the decoder's (or the check's) message."""
+    cause = err.__cause__ if isinstance(err.__cause__, Exception) else err
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(cause)
+
+
 def _read_photos(paths: list[Path], transform: Any) -> tuple[list, list, list[str]]:
     """Decoded photos (raw, transformed) and one error line per photo that failed."""
     raw, ready, errors = [], [], []
@@ -401,7 +410,7 @@ def _read_photos(paths: list[Path], transform: Any) -> tuple[list, list, list[st
             ready.append(transform(image))
             raw.append(image)
         except (OSError, ValueError) as err:
-            errors.append(f"cannot read photo {path}: {err}")
+            errors.append(f"cannot read photo {path}: {_reason(err)}")
             raw.append(None)
             ready.append(None)
     return raw, ready, errors
