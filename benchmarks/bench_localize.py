@@ -422,17 +422,18 @@ def trained_part(args) -> list[dict]:
     side = math.ceil(math.sqrt(args.trained_tiles))
     keep = args.keep_galleries is not None
     base = Path(args.keep_galleries) if keep else Path(tempfile.mkdtemp(dir=args.tmp))
-    root = base / f"region_{side}x{side}"
+    root = base / f"region_{side}x{side}_q{args.queries}_t{args.train_pairs}"
     try:
         if not (root / "region.json").is_file():
             shutil.rmtree(root, ignore_errors=True)
             write_region(root, grid=(side, side), num_queries=args.queries, stride=16,
                          num_train=args.train_pairs, num_val=200, seed=0)  # fmt: skip
-        checkpoint = Path(args.checkpoint) if args.checkpoint else root / "run" / "best"
+        run = root / f"run_{args.train_epochs}_epochs"
+        checkpoint = Path(args.checkpoint) if args.checkpoint else run / "best"
         start = time.perf_counter()
         if not (checkpoint / "config.json").is_file():
             argv = ["--demo", "--data-root", str(root), "--epochs", str(args.train_epochs),
-                    "--no-progress", "--output-dir", str(root / "run"), "--overwrite"]  # fmt: skip
+                    "--no-progress", "--output-dir", str(run), "--overwrite"]  # fmt: skip
             if train_main("cvusa", argv) != 0:
                 raise SystemExit("bench_localize: training the demo recipe on the region failed")
         trained = time.perf_counter() - start
